@@ -1,0 +1,64 @@
+"""`mobilellm-r1`: one command, a subcommand per stage.
+
+Each area of the package registers its own subcommands (``register(subparsers)`` in its ``cli`` module),
+so this file only wires them together. Errors the user can fix (bad config, missing file, bad input)
+exit with status 2 and one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+from . import __version__
+
+# Modules that contribute subcommands, in the order they appear in --help.
+COMMAND_MODULES = [
+    "mobilellm_r1.data.cli",
+    "mobilellm_r1.model.cli",
+]
+
+
+class UserError(Exception):
+    """An error caused by input the user can fix; printed without a traceback."""
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mobilellm-r1", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mobilellm-r1 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that area is not built yet
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except (UserError, ConfigError, FileNotFoundError) as e:
+        print(f"mobilellm-r1 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
