@@ -60,5 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run through the package module so exception classes are the same objects
+    from mobilellm_r1.cli import main as _main
+
+    sys.exit(_main())

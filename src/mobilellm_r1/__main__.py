@@ -1,0 +1,5 @@
+import sys
+
+from mobilellm_r1.cli import main
+
+sys.exit(main())

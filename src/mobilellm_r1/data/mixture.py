@@ -1,0 +1,228 @@
+"""The mixture sampler: fixed-length training sequences drawn from token shards by source weights.
+
+How a sequence is chosen (all of it a pure function of the seed and a global sequence counter ``g``):
+
+1. **Which source.** Deficit round-robin: sequence ``g`` goes to the source whose realised count lags its
+   target ``w_s * (g + 1)`` the most (ties → the earlier source). Realised shares therefore track the
+   weights to within one sequence at every prefix, far tighter than i.i.d. draws.
+2. **Which chunk of that source.** A source's token stream is cut into ``n_s`` chunks of ``seq_len + 1``
+   tokens (stride ``seq_len``, so every token is a target once). The ``k``-th draw from a source takes
+   chunk ``perm_e(k mod n_s)`` of epoch ``e = k // n_s``, where ``perm_e`` is a seeded Feistel
+   permutation: a fresh shuffle each epoch in O(1) memory, even for billions of chunks.
+3. **Which rank.** Data-parallel rank ``r`` of ``W`` takes the sequences with ``g ≡ r (mod W)``; every rank
+   walks the same global schedule, so ranks never overlap and need no communication.
+
+The state (``g`` and per-source draw counts) is a few integers: :meth:`MixtureSampler.state_dict` /
+:meth:`load_state_dict` resume exactly. ``repeat=False`` stops when any sampled source runs out (the
+paper's LOO runs: equal per-source sampling, no repeats); ``exclude`` drops a source (leave-one-out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterator
+
+import numpy as np
+
+from .shards import ShardSet
+
+_MASK64 = (1 << 64) - 1
+
+
+_C0, _C1, _C2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _mix64(x: np.ndarray, key: int) -> np.ndarray:
+    """A keyed 64-bit mixing function (splitmix64 finaliser) on uint64 arrays."""
+    with np.errstate(over="ignore"):
+        z = (x + np.uint64(key)) * np.uint64(_C0)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_C1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_C2)
+        return z ^ (z >> np.uint64(31))
+
+
+def _mix64_int(x: int, key: int) -> int:
+    """:func:`_mix64` on one Python int: per-sequence lookups are ~20x faster without numpy scalars."""
+    z = ((x + key) * _C0) & _MASK64
+    z = ((z ^ (z >> 30)) * _C1) & _MASK64
+    z = ((z ^ (z >> 27)) * _C2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def feistel_permute(idx: np.ndarray | int, n: int, key: int, rounds: int = 4) -> np.ndarray | int:
+    """A bijection of ``[0, n)`` chosen by ``key``: a balanced Feistel network on the smallest even number
+    of bits covering ``n``, with cycle-walking for values that land outside ``[0, n)``. An int in gives an
+    int out; an array gives an array (the same values)."""
+    if n <= 0:
+        raise ValueError("cannot permute an empty range")
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    lo = (1 << half) - 1
+    keys = _round_keys(key, rounds)
+    if isinstance(idx, (int, np.integer)):
+        x = int(idx)
+        if not 0 <= x < n:
+            raise IndexError(f"index {x} outside the permuted range [0, {n})")
+        if n == 1:
+            return x
+        while True:  # cycle-walk: re-apply until inside the range (expected < 4 applications)
+            left, right = x >> half, x & lo
+            for k in keys:
+                left, right = right, left ^ (_mix64_int(right, k) & lo)
+            x = (left << half) | right
+            if x < n:
+                return x
+    x = np.asarray(idx, dtype=np.uint64).copy()
+    if np.any(x >= n):
+        raise IndexError("index outside the permuted range")
+    if n == 1:
+        return x
+    lo_mask = np.uint64(lo)
+
+    def once(v: np.ndarray) -> np.ndarray:
+        left, right = v >> np.uint64(half), v & lo_mask
+        for k in keys:
+            left, right = right, left ^ (_mix64(right, k) & lo_mask)
+        return (left << np.uint64(half)) | right
+
+    out = once(x)
+    todo = out >= n
+    while np.any(todo):
+        out[todo] = once(out[todo])
+        todo = out >= n
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _round_keys(key: int, rounds: int) -> tuple[int, ...]:
+    return tuple(_seed_key(key, r) for r in range(rounds))
+
+
+@lru_cache(maxsize=4096)
+def _seed_key(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+
+@dataclass
+class Batch:
+    tokens: np.ndarray  # (B, seq_len + 1) int64: inputs are [:, :-1], targets [:, 1:]
+    sources: list[str]
+    doc_ids: np.ndarray  # (B, seq_len + 1) int32: document number within the row (for masked attention)
+
+
+@dataclass
+class MixtureSampler:
+    shards: ShardSet
+    weights: dict[str, float]
+    seq_len: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    repeat: bool = True
+    exclude: list[str] = field(default_factory=list)
+    # --- state --------------------------------------------------------------------------------------
+    next_global: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        if self.seq_len < 1:
+            raise ValueError("seq_len must be ≥ 1")
+        for s in self.exclude:
+            if s not in self.weights:
+                raise KeyError(f"cannot exclude {s!r}: not in the mixture ({', '.join(self.weights)})")
+        w = {s: float(v) for s, v in self.weights.items() if s not in self.exclude and v > 0}
+        if not w:
+            raise ValueError("the mixture has no source with positive weight")
+        total = sum(w.values())
+        self.names = list(w)
+        self.probs = np.array([w[s] / total for s in self.names])
+        self._plist = self.probs.tolist()
+        self.n_chunks = {}
+        for s in self.names:
+            n = (self.shards.n_tokens(s) - 1) // self.seq_len
+            if n < 1:
+                raise ValueError(f"source {s!r} has {self.shards.n_tokens(s)} tokens, fewer than one sequence "
+                                 f"of {self.seq_len + 1}")
+            self.n_chunks[s] = n
+        self.counts = {s: int(self.counts.get(s, 0)) for s in self.names}
+        self._doc_starts: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def equal(cls, shards: ShardSet, sources: list[str], seq_len: int, **kw) -> "MixtureSampler":
+        """Equal per-source sampling without repeats (paper Eq. 1 LOO runs)."""
+        return cls(shards, {s: 1.0 for s in sources}, seq_len, repeat=False, **kw)
+
+    # --- schedule --------------------------------------------------------------------------------------
+    def _pick(self, g: int) -> int:
+        # Python floats: identical on every rank and faster than numpy for a handful of sources.
+        best, best_i = -float("inf"), 0
+        for i, (p, s) in enumerate(zip(self._plist, self.names)):
+            d = p * (g + 1) - self.counts[s]
+            if d > best:
+                best, best_i = d, i
+        return best_i
+
+    def _chunk(self, source: str, k: int) -> int:
+        n = self.n_chunks[source]
+        epoch, j = divmod(k, n)
+        if epoch and not self.repeat:
+            raise StopIteration
+        return feistel_permute(j, n, _seed_key(self.seed, source, epoch))
+
+    def _doc_ids(self, source: str, start: int) -> np.ndarray:
+        if source not in self._doc_starts:
+            self._doc_starts[source] = self.shards.doc_starts(source)
+        starts = self._doc_starts[source]
+        # only the document starts inside this window matter: mark them and count
+        lo, hi = np.searchsorted(starts, [start + 1, start + self.seq_len + 1])
+        marks = np.zeros(self.seq_len + 1, dtype=np.int32)
+        marks[starts[lo:hi] - start] = 1
+        return np.cumsum(marks, dtype=np.int32)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, str, np.ndarray]:
+        """The next sequence for this rank: (tokens[seq_len + 1], source, doc_ids[seq_len + 1])."""
+        while True:
+            g = self.next_global
+            s = self.names[self._pick(g)]
+            k = self.counts[s]
+            chunk = self._chunk(s, k)  # raises StopIteration when a no-repeat source is exhausted
+            self.next_global += 1
+            self.counts[s] = k + 1
+            if g % self.world_size == self.rank:
+                start = chunk * self.seq_len
+                toks = self.shards.tokens(s, start, self.seq_len + 1).astype(np.int64)
+                return toks, s, self._doc_ids(s, start)
+
+    def next_batch(self, batch_size: int) -> Batch:
+        rows = [next(self) for _ in range(batch_size)]
+        return Batch(tokens=np.stack([r[0] for r in rows]), sources=[r[1] for r in rows],
+                     doc_ids=np.stack([r[2] for r in rows]))
+
+    # --- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_global": self.next_global, "counts": dict(self.counts), "seed": self.seed,
+                "seq_len": self.seq_len, "world_size": self.world_size, "weights": dict(zip(self.names,
+                                                                                            self.probs.tolist()))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "seq_len", "world_size"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state.get(key)!r}, this sampler {getattr(self, key)!r}")
+        if sorted(state["counts"]) != sorted(self.names):
+            raise ValueError(f"sampler state covers sources {sorted(state['counts'])}, this sampler {sorted(self.names)}")
+        self.next_global = int(state["next_global"])
+        self.counts = {s: int(state["counts"][s]) for s in self.names}
+
+    def token_shares(self) -> dict[str, float]:
+        """Realised share of tokens per source over the global schedule so far."""
+        total = sum(self.counts.values())
+        return {s: (self.counts[s] / total if total else 0.0) for s in self.names}
+
+    def target_shares(self) -> dict[str, float]:
+        return dict(zip(self.names, self.probs.tolist()))
