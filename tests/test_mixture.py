@@ -124,3 +124,26 @@ def test_sample_cli_shares_and_state_round_trip(shards, tmp_path):
     rest = run_cli_json(*args, "--count", "15", "--state-in", tmp_path / "st.json")
     assert part["first_tokens"] == full["first_tokens"]
     assert rest["cumulative_shares"] == full["cumulative_shares"]
+
+
+def test_heldout_split_is_disjoint_from_train_and_covers_its_chunks(shards):
+    kw = dict(seq_len=64, seed=5, heldout_fraction=0.1, repeat=False)
+    train = MixtureSampler(shards, {"small": 1.0}, split="train", **kw)
+    held = MixtureSampler(shards, {"small": 1.0}, split="heldout", **kw)
+    n = (shards.n_tokens("small") - 1) // 64
+    assert held.n_chunks["small"] == -(-n // 10) and train.n_chunks["small"] + held.n_chunks["small"] == n
+
+    def starts(s):
+        out = []
+        while True:
+            try:
+                out.append(s.next_row()[3])
+            except StopIteration:
+                return out
+
+    tr, he = starts(train), starts(held)
+    assert len(tr) == train.n_chunks["small"] and len(he) == held.n_chunks["small"]
+    assert not set(tr) & set(he) and len(set(tr) | set(he)) == n
+    assert min(he) > max(tr)  # the held-out chunks are the tail of the stream
+    with pytest.raises(ValueError, match="split"):
+        MixtureSampler(shards, {"small": 1.0}, seq_len=64, split="test")

@@ -19,6 +19,7 @@ from . import __version__
 COMMAND_MODULES = [
     "mobilellm_r1.data.cli",
     "mobilellm_r1.model.cli",
+    "mobilellm_r1.train.cli",
     "mobilellm_r1.demo",
 ]
 

@@ -113,6 +113,9 @@ class DataConfig:
     tokenizer: str = "llama3"
     seq_len: int = 2048
     corpus_dir: str = ""
+    shards_dir: str = ""  # token shards of the sources (``mobilellm-r1 data tokenize``); relative to the recipe's run dir
+    # Fraction of every source's chunks reserved for held-out loss (never trained on, in every stage).
+    heldout_fraction: float = 0.0
     sources: list[SourceConfig] = field(default_factory=list)
 
     def source(self, name: str) -> SourceConfig:
@@ -135,6 +138,7 @@ class KDConfig:
     alpha: float = 1.0
     temperature: float = 1.0
     top_k: int = 0  # >0: use cached top-k teacher log-probs instead of an online teacher
+    cache: str = ""  # the top-k cache folder (`mobilellm-r1 distill cache --out`); default <shards>/kd
 
 
 @dataclass
@@ -163,6 +167,14 @@ class StageConfig:
     mixture: dict[str, float] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
     kd: KDConfig | None = None
+    # Packed sequences: restart positions and block attention at document boundaries.
+    doc_mask: bool = False
+    # Bookkeeping (not in the paper): how often to log, evaluate held-out loss, and checkpoint.
+    log_every: int = 1
+    eval_every: int = 0  # 0: only before the first and after the last step
+    eval_batches: int = 4
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
     note: str = ""
 
     def __post_init__(self) -> None:

@@ -15,6 +15,10 @@ How a sequence is chosen (all of it a pure function of the seed and a global seq
 The state (``g`` and per-source draw counts) is a few integers: :meth:`MixtureSampler.state_dict` /
 :meth:`load_state_dict` resume exactly. ``repeat=False`` stops when any sampled source runs out (the
 paper's LOO runs: equal per-source sampling, no repeats); ``exclude`` drops a source (leave-one-out).
+
+Held-out data: with ``heldout_fraction = h`` the last ``ceil(h * n_s)`` chunks of every source are reserved;
+``split="train"`` never draws them and ``split="heldout"`` draws only them, so a training run can measure
+loss on text it has never seen with the same sampler machinery.
 """
 
 from __future__ import annotations
@@ -109,6 +113,7 @@ class Batch:
     tokens: np.ndarray  # (B, seq_len + 1) int64: inputs are [:, :-1], targets [:, 1:]
     sources: list[str]
     doc_ids: np.ndarray  # (B, seq_len + 1) int32: document number within the row (for masked attention)
+    starts: np.ndarray | None = None  # (B,) int64: offset of each row in its source's token stream
 
 
 @dataclass
@@ -121,6 +126,8 @@ class MixtureSampler:
     world_size: int = 1
     repeat: bool = True
     exclude: list[str] = field(default_factory=list)
+    split: str = "all"  # "all" | "train" | "heldout"
+    heldout_fraction: float = 0.0
     # --- state --------------------------------------------------------------------------------------
     next_global: int = 0
     counts: dict[str, int] = field(default_factory=dict)
@@ -140,13 +147,19 @@ class MixtureSampler:
         self.names = list(w)
         self.probs = np.array([w[s] / total for s in self.names])
         self._plist = self.probs.tolist()
-        self.n_chunks = {}
+        if self.split not in ("all", "train", "heldout"):
+            raise ValueError(f"split must be all, train or heldout, not {self.split!r}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), not {self.heldout_fraction}")
+        self.n_chunks, self.chunk_offset = {}, {}
         for s in self.names:
             n = (self.shards.n_tokens(s) - 1) // self.seq_len
+            held = -int(-self.heldout_fraction * n // 1) if self.split != "all" else 0  # ceil
+            n, off = {"all": (n, 0), "train": (n - held, 0), "heldout": (held, n - held)}[self.split]
             if n < 1:
-                raise ValueError(f"source {s!r} has {self.shards.n_tokens(s)} tokens, fewer than one sequence "
-                                 f"of {self.seq_len + 1}")
-            self.n_chunks[s] = n
+                raise ValueError(f"source {s!r} has {self.shards.n_tokens(s)} tokens: no {self.split} sequence "
+                                 f"of {self.seq_len + 1} tokens (heldout_fraction {self.heldout_fraction})")
+            self.n_chunks[s], self.chunk_offset[s] = n, off
         self.counts = {s: int(self.counts.get(s, 0)) for s in self.names}
         self._doc_starts: dict[str, np.ndarray] = {}
 
@@ -170,7 +183,7 @@ class MixtureSampler:
         epoch, j = divmod(k, n)
         if epoch and not self.repeat:
             raise StopIteration
-        return feistel_permute(j, n, _seed_key(self.seed, source, epoch))
+        return self.chunk_offset[source] + feistel_permute(j, n, _seed_key(self.seed, source, epoch))
 
     def _doc_ids(self, source: str, start: int) -> np.ndarray:
         if source not in self._doc_starts:
@@ -187,6 +200,10 @@ class MixtureSampler:
 
     def __next__(self) -> tuple[np.ndarray, str, np.ndarray]:
         """The next sequence for this rank: (tokens[seq_len + 1], source, doc_ids[seq_len + 1])."""
+        return self.next_row()[:3]
+
+    def next_row(self) -> tuple[np.ndarray, str, np.ndarray, int]:
+        """:meth:`__next__` plus the row's start offset in its source's token stream."""
         while True:
             g = self.next_global
             s = self.names[self._pick(g)]
@@ -197,23 +214,24 @@ class MixtureSampler:
             if g % self.world_size == self.rank:
                 start = chunk * self.seq_len
                 toks = self.shards.tokens(s, start, self.seq_len + 1).astype(np.int64)
-                return toks, s, self._doc_ids(s, start)
+                return toks, s, self._doc_ids(s, start), start
 
     def next_batch(self, batch_size: int) -> Batch:
-        rows = [next(self) for _ in range(batch_size)]
+        rows = [self.next_row() for _ in range(batch_size)]
         return Batch(tokens=np.stack([r[0] for r in rows]), sources=[r[1] for r in rows],
-                     doc_ids=np.stack([r[2] for r in rows]))
+                     doc_ids=np.stack([r[2] for r in rows]), starts=np.array([r[3] for r in rows], np.int64))
 
     # --- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"next_global": self.next_global, "counts": dict(self.counts), "seed": self.seed,
-                "seq_len": self.seq_len, "world_size": self.world_size, "weights": dict(zip(self.names,
+                "seq_len": self.seq_len, "world_size": self.world_size, "split": self.split, "weights": dict(zip(self.names,
                                                                                             self.probs.tolist()))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "seq_len", "world_size"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state.get(key)!r}, this sampler {getattr(self, key)!r}")
+        for key in ("seed", "seq_len", "world_size", "split"):
+            have = state.get(key, "all" if key == "split" else None)  # states written before splits existed
+            if have != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={have!r}, this sampler {getattr(self, key)!r}")
         if sorted(state["counts"]) != sorted(self.names):
             raise ValueError(f"sampler state covers sources {sorted(state['counts'])}, this sampler {sorted(self.names)}")
         self.next_global = int(state["next_global"])

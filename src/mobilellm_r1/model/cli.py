@@ -111,11 +111,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .hf import import_hf
     from .io import CheckpointError
 
-    if not Path(args.hf_dir).is_dir():
-        raise UserError(f"not a directory: {args.hf_dir}")
+    src = Path(args.hf_dir)
+    if not src.is_dir() and not (src.is_file() and src.suffix == ".gguf"):
+        raise UserError(f"not a directory or a .gguf file: {args.hf_dir}")
     try:
-        out, model, spec = import_hf(args.hf_dir, args.out, tokenizer_spec=args.tokenizer,
-                                     dtype=_dtype(args.dtype), detect_sharing=not args.no_detect_sharing)
+        if src.suffix == ".gguf" and src.is_file():
+            from .gguf import import_gguf
+
+            out, model, spec = import_gguf(src, args.out, tokenizer_spec=args.tokenizer, dtype=_dtype(args.dtype))
+        else:
+            out, model, spec = import_hf(src, args.out, tokenizer_spec=args.tokenizer,
+                                         dtype=_dtype(args.dtype), detect_sharing=not args.no_detect_sharing)
     except CheckpointError as e:
         raise UserError(str(e)) from None
     res = {"out": str(out), "params": model.param_count(), "n_layers": model.cfg.n_layers,
@@ -199,8 +205,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="convert a Hugging Face Llama4ForCausalLM directory to a checkpoint")
-    p.add_argument("hf_dir")
+    p = sub.add_parser("import", help="convert a Hugging Face Llama4ForCausalLM directory or a llama GGUF file "
+                                      "to a checkpoint")
+    p.add_argument("hf_dir", help="HF directory, or a .gguf file (dequantized to float32 unless --dtype)")
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", help="tokenizer spec (default: llama3 for the Llama-3 vocabulary, else "
                                        "the directory's tokenizer files)")

@@ -1,0 +1,111 @@
+"""Training checkpoints: ``<out>/checkpoints/step_NNNNNNNN/`` holding
+
+- ``model.safetensors`` + ``config.json``: the model, in the format :func:`mobilellm_r1.model.io.load_model`
+  reads (so any step directory is also a usable model checkpoint);
+- ``optim.pt``: the optimizer state (full, by parameter name: independent of DDP/FSDP and world size);
+- ``rng.pt``: every rank's RNG states (torch, CUDA, numpy, python);
+- ``trainer_state.json``: step, tokens seen, every rank's sampler state, the stage and its schedule.
+
+A directory is written under a temporary name and renamed (``model.io.atomic_dir``), so a killed run never
+leaves a half-written checkpoint under a real name; only the newest ``keep`` are kept. Loading validates
+everything before anything is changed, and a damaged checkpoint is reported by name and left in place.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig, to_dict
+from ..model.io import CONFIG, FORMAT, WEIGHTS, CheckpointError, atomic_dir, write_json
+
+STATE = "trainer_state.json"
+OPTIM = "optim.pt"
+RNG = "rng.pt"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoints_dir(out: str | Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoint directories (temporary ones are hidden and never match), oldest first."""
+    root = checkpoints_dir(out)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_model_dir(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: str) -> None:
+    """``model.safetensors`` + ``config.json`` into an existing directory."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / WEIGHTS),
+              metadata={"format": "pt"})
+    write_json(path / CONFIG, {"format": FORMAT, "model": to_dict(cfg), "tokenizer": tokenizer})
+
+
+def save_checkpoint(out: str | Path, step: int, *, model_state: dict[str, torch.Tensor], cfg: ModelConfig,
+                    tokenizer: str, optim_state: dict[str, Any], rng_states: list[dict[str, Any]],
+                    trainer_state: dict[str, Any], keep: int) -> Path:
+    target = checkpoints_dir(out) / f"step_{step:08d}"
+    with atomic_dir(target) as tmp:
+        write_model_dir(tmp, model_state, cfg, tokenizer)
+        torch.save(optim_state, tmp / OPTIM)
+        torch.save(rng_states, tmp / RNG)
+        write_json(tmp / STATE, {**trainer_state, "step": step})  # written last: its presence marks completion
+    if keep > 0:
+        for _, old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and validate a checkpoint directory. Returns ``{"model", "optim", "rng", "state"}``; raises
+    :class:`CheckpointError` naming the damaged file (nothing on disk is touched)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in (STATE, WEIGHTS, CONFIG, OPTIM, RNG):
+        if not (path / name).is_file():
+            raise CheckpointError(f"corrupt checkpoint {path}: {name} is missing")
+    try:
+        state = json.loads((path / STATE).read_text())
+        step = int(state["step"])
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"corrupt checkpoint {path}: {STATE} is unreadable ({e})") from None
+    try:
+        model = load_file(str(path / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise CheckpointError(f"corrupt checkpoint {path}: {WEIGHTS} is unreadable ({e})") from None
+    try:
+        optim = torch.load(path / OPTIM, map_location="cpu", weights_only=False)
+        rng = torch.load(path / RNG, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint {path}: optimizer/RNG state is unreadable ({e})") from None
+    state["step"] = step
+    return {"model": model, "optim": optim, "rng": rng, "state": state}
