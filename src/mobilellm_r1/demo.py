@@ -1,9 +1,10 @@
 """`mobilellm-r1 demo`: the embedded default, end to end, on a CPU.
 
-Until the full stage graph exists (pipeline.py), the demo runs the data half of ``recipes/tiny.toml``:
+Until the full stage graph exists (pipeline.py), the demo runs what is built of ``recipes/tiny.toml``:
 build the embedded corpus → tokenize every recipe source into shards → draw the first stage's mixture
-and compare realised token shares with the recipe's weights. Every step is cached in the run directory,
-so a second run only re-samples.
+and compare realised token shares with the recipe's weights → pre-train the tiny model (first stage) and
+report its held-out loss before and after. The corpus and shards are cached in the run directory; the
+training stage resumes from its newest checkpoint when interrupted.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def source_inputs(recipe: Recipe, corpus_dir: Path) -> dict[str, list[str]]:
     return out
 
 
-def run_demo(recipe_path: str, out: Path, sequences: int = 2000, progress: bool = True) -> dict[str, Any]:
+def run_demo(recipe_path: str, out: Path, sequences: int = 2000, progress: bool = True,
+             train_steps: int | None = None) -> dict[str, Any]:
     from .data.corpus import build_corpus
     from .data.mixture import MixtureSampler
     from .data.shards import INDEX_FILE, ShardSet, TokenizeOptions, read_index, tokenize_sources
@@ -57,6 +59,24 @@ def run_demo(recipe_path: str, out: Path, sequences: int = 2000, progress: bool 
     for _ in range(sequences):
         next(sampler)
     timings["sample"] = time.perf_counter() - t0
+
+    train = None
+    if train_steps != 0:
+        from .train.checkpoint import list_checkpoints
+        from .train.loop import TrainOptions, train_stage
+
+        t0 = time.perf_counter()
+        stage_out = out / stage_name
+        done = (stage_out / "final").is_dir() and not train_steps
+        if not done:
+            opts = TrainOptions(out=str(stage_out), max_steps=train_steps or 0, shards=str(shard_dir),
+                                resume=bool(list_checkpoints(stage_out)), progress=progress)
+            res = train_stage(recipe, stage_name, opts)
+            train = {k: res.get(k) for k in ("steps", "final_loss", "tokens_per_s", "mfu", "heldout_loss_initial",
+                                             "heldout_loss_final", "checkpoint")}
+        else:
+            train = {"checkpoint": str(stage_out / "final"), "cached": True}
+        timings["train"] = time.perf_counter() - t0
     return {
         "recipe": str(recipe.path), "out": str(out),
         "corpus": {"mb": manifest["total_bytes"] / 1e6,
@@ -66,14 +86,14 @@ def run_demo(recipe_path: str, out: Path, sequences: int = 2000, progress: bool 
         "tokenizer": shards.index["tokenizer"],
         "stage": stage_name, "seq_len": stage.seq_len, "sequences": sequences,
         "target_shares": sampler.target_shares(), "realised_shares": sampler.token_shares(),
-        "seconds": timings,
+        "train": train, "seconds": timings,
     }
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .cli import print_json
 
-    res = run_demo(args.recipe, Path(args.out), args.sequences, progress=not args.json)
+    res = run_demo(args.recipe, Path(args.out), args.sequences, progress=not args.json, train_steps=args.train_steps)
     if args.json:
         print_json(res)
         return 0
@@ -85,6 +105,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"mixture of stage {res['stage']!r}: {res['sequences']} sequences of {res['seq_len'] + 1} tokens")
     for n, w in res["target_shares"].items():
         print(f"  {n:22s} target {w:.3f}  realised {res['realised_shares'][n]:.3f}")
+    tr = res["train"]
+    if tr and not tr.get("cached"):
+        print(f"pre-training {res['stage']!r}: {tr['steps']} steps, {tr['tokens_per_s']:,.0f} tokens/s"
+              + (f", MFU {tr['mfu']:.1%}" if tr.get("mfu") else ""))
+        if tr.get("heldout_loss_final") is not None and tr.get("heldout_loss_initial") is not None:
+            print(f"  held-out loss {tr['heldout_loss_initial']:.3f} -> {tr['heldout_loss_final']:.3f} nats/token")
+        print(f"  checkpoint {tr['checkpoint']}")
+    elif tr:
+        print(f"pre-training {res['stage']!r}: already done, checkpoint {tr['checkpoint']}")
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["seconds"].items()))
     return 0
 
@@ -94,5 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default="tiny")
     p.add_argument("--out", default="runs/tiny")
     p.add_argument("--sequences", type=int, default=2000)
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="train the first stage for this many steps (default: the recipe's; 0 = skip training)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -122,14 +123,23 @@ def cmd_build_corpus(args: argparse.Namespace) -> int:
     from ..cli import print_json
     from .corpus import build_corpus
 
+    from ..cli import UserError
+
     sources = [s for s in (args.sources or "").split(",") if s] or None
-    manifest = build_corpus(args.out, sources=sources, force=args.force, progress=not args.json)
+    try:
+        manifest = build_corpus(args.out, sources=sources, force=args.force, progress=not args.json)
+    except ValueError as e:  # an unknown source name
+        raise UserError(str(e)) from None
     if args.json:
         print_json(manifest)
     else:
         for name, m in manifest["sources"].items():
             print(f"{name:24s} {m['category']:10s} {m.get('docs', 0):>7,d} docs {m.get('bytes', 0) / 1e6:8.2f} MB  {m['status']}")
         print(f"total {manifest['total_bytes'] / 1e6:.1f} MB → {args.out}")
+    failed = manifest.get("run", {}).get("failed", [])
+    if failed:  # the others were built and kept; a re-run retries only these
+        print(f"mobilellm-r1 data build-corpus: {len(failed)} source(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

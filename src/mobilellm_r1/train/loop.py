@@ -258,9 +258,9 @@ def _shards_dir(recipe: Recipe, opts: TrainOptions) -> Path:
     if not raw:
         raise ConfigError("no token shards: set data.shards_dir in the recipe or pass --shards")
     p = Path(raw)
-    if not p.is_absolute() and not p.exists() and recipe.path:
-        cand = Path(recipe.path).parent / p
-        p = cand if cand.exists() else p
+    if not p.is_absolute():  # relative to the run directory (the stage's parent), else as given
+        cands = [Path(opts.out).parent / p, p] + ([Path(recipe.path).parent / p] if recipe.path else [])
+        p = next((c for c in cands if (c / "index.json").is_file()), p)
     if not (p / "index.json").is_file():
         raise ConfigError(f"{p} holds no token shards (write them with `mobilellm-r1 data tokenize`)")
     return p
@@ -321,8 +321,11 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
     core = StageModel(student, stage, teacher)
     autocast = (opts.dtype == "auto" and dev.type == "cuda") or opts.dtype == "bfloat16"
     if opts.compile:
+        from .objectives import set_compile
+
         for blk in student.layers:
             blk.compile()
+        set_compile(True)
     model = D.wrap(core, info, opts.parallel, list(student.layers))
     optim = make_optimizer(model, stage, dev)
 

@@ -26,7 +26,26 @@ from dataclasses import dataclass
 import torch
 
 IGNORE = -100
-_CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk: 128 MB in fp32
+_CHUNK_ELEMENTS = 1 << 25  # logits elements per chunk on CPU: 128 MB in fp32
+_CHUNK_ELEMENTS_CUDA = 1 << 28  # on a GPU: fewer, larger chunks keep the kernels busy (1 GB in fp32)
+_COMPILE = False
+
+
+def set_compile(enabled: bool) -> None:
+    """Run each chunk's loss through ``torch.compile`` on CUDA, fusing the elementwise passes over the
+    ``(chunk, V)`` logits (softmax, gradient, masking) that otherwise dominate the head's time."""
+    global _COMPILE
+    _COMPILE = enabled
+
+
+_compiled = None
+
+
+def _compiled_chunk_loss():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_chunk_loss, dynamic=False)
+    return _compiled
 
 
 @dataclass
@@ -76,8 +95,9 @@ def _teacher_probs(teacher: TeacherTargets, rows: slice, vocab: int, temperature
     return logt.exp(), logt
 
 
-def _chunk_loss(h, weight, tgt, alpha, temperature, teacher, rows, want_grad):
-    """Loss terms (and d loss / d logits when ``want_grad``) for one chunk of rows."""
+def _chunk_loss(h, weight, tgt, alpha, temperature, t, logt, want_grad):
+    """Loss terms (and d loss / d logits when ``want_grad``) for one chunk of rows; ``t``/``logt`` are the
+    teacher's probabilities / log-probabilities (None without distillation)."""
     logits = (h @ weight.t()).to(_acc(h.dtype))
     keep = tgt != IGNORE
     safe = tgt.clamp(min=0)
@@ -88,16 +108,15 @@ def _chunk_loss(h, weight, tgt, alpha, temperature, teacher, rows, want_grad):
         grad = torch.exp(logits - lse[:, None]).mul_(1 - alpha)
         grad[torch.arange(len(tgt), device=tgt.device), safe] -= (1 - alpha)
     kl = torch.zeros_like(ce)
-    if alpha > 0 and teacher is not None:
+    if alpha > 0 and t is not None:
         logq = torch.log_softmax(logits / temperature, dim=-1)
-        t, logt = _teacher_probs(teacher, rows, logits.shape[-1], temperature, h.dtype)
         # t * (log t - log q), with 0 * log 0 = 0 where the (top-k) teacher puts no mass
         kl = (t * (logt - logq)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).sum(-1) * keep
         if want_grad:
             g_kd = (logq.exp_() - t).mul_(alpha * temperature)
             grad = g_kd if grad is None else grad.add_(g_kd)
     if grad is not None:
-        grad.mul_(keep[:, None])
+        grad = grad.mul_(keep[:, None]).to(h.dtype)
     loss = ((1 - alpha) * ce + alpha * temperature ** 2 * kl).sum()
     return loss, ce.sum(), kl.sum(), grad
 
@@ -115,12 +134,15 @@ class _FusedHeadLoss(torch.autograd.Function):
         for i in range(0, n, chunk):
             rows = slice(i, min(i + chunk, n))
             h = hidden[rows]
-            l, c, k, g = _chunk_loss(h, weight, targets[rows], alpha, temperature, teacher, rows, want)
+            t = logt = None
+            if alpha > 0 and teacher is not None:
+                t, logt = _teacher_probs(teacher, rows, weight.shape[0], temperature, h.dtype)
+            fn = _compiled_chunk_loss() if _COMPILE and h.is_cuda else _chunk_loss
+            l, c, k, g = fn(h, weight, targets[rows], alpha, temperature, t, logt, want)
             loss += l
             ce_sum += c
             kd_sum += k
             if g is not None:
-                g = g.to(hidden.dtype)
                 if grad_h is not None:
                     grad_h[rows] = g @ weight
                 if grad_w is not None:
@@ -164,7 +186,8 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     elif teacher is not None:
         k = teacher.topk_ids.shape[-1]
         teacher = TeacherTargets(topk_ids=teacher.topk_ids.reshape(-1, k), topk_logp=teacher.topk_logp.reshape(-1, k))
-    chunk = chunk or max(16, _CHUNK_ELEMENTS // weight.shape[0])
+    budget = _CHUNK_ELEMENTS_CUDA if hidden.is_cuda else _CHUNK_ELEMENTS
+    chunk = chunk or max(16, budget // weight.shape[0])
     tokens = (targets != IGNORE).sum()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         loss, ce, kd = _FusedHeadLoss.apply(hidden, weight, targets, float(alpha), float(temperature), teacher, chunk)
