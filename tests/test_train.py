@@ -132,22 +132,34 @@ def test_resume_after_a_real_kill(shards, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_two_rank_gloo_ddp_matches_one_process(shards, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_rank_gloo_run_matches_one_process(shards, tmp_path, parallel):
     one = recipe(tmp_path, shards, steps=5, micro_batch_size=4, global_batch_tokens=256)
     single = run(one, tmp_path / "one")
     two_dir = tmp_path / "two"
     two_dir.mkdir()
     two = recipe(two_dir, shards, steps=5, micro_batch_size=2, global_batch_tokens=256)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "mobilellm_r1", "train", "--config", str(two), "--out", str(tmp_path / "ddp"),
-                          "--json"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads(res.stdout[res.stdout.index("{"):])
+
+    def torchrun(*extra):
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "mobilellm_r1", "train", "--config", str(two), "--out", str(tmp_path / parallel),
+                              "--parallel", parallel, "--json", *extra],
+                             capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout[res.stdout.index("{"):])
+
+    if parallel == "fsdp":  # sharded state is gathered into the same checkpoint format, and resumes
+        first = torchrun("--max-steps", "3")
+        assert first["steps"] == 3
+        summary = torchrun("--resume")
+        assert summary["resumed_from"] == 3
+    else:
+        summary = torchrun()
     assert summary["world_size"] == 2 and summary["accum"] == 2
-    assert max(abs(a - b) for a, b in zip(summary["losses"], single["losses"])) <= 1e-5
-    wa, wb = weights(tmp_path / "one" / "final"), weights(tmp_path / "ddp" / "final")
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / parallel), single["losses"])) <= 1e-5
+    wa, wb = weights(tmp_path / "one" / "final"), weights(tmp_path / parallel / "final")
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
 
 
 def _init_teacher(tmp_path: Path, shards: Path) -> Path:
