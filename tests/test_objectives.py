@@ -119,3 +119,19 @@ def test_schedules_of_table_2():
     assert lr_at(9, 100, sft) == pytest.approx(8e-5) and lr_at(4, 100, sft) == pytest.approx(4e-5)
     cos = StageConfig(lr=1.0, schedule="cosine", min_lr_ratio=0.0)
     assert lr_at(50, 101, cos) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_in_place_and_functional_chunk_paths_agree(alpha):
+    """The eager in-place chunk (CPU) and the functional chunk (compiled on CUDA) are the same maths."""
+    from mobilellm_r1.train.objectives import _chunk_loss, _chunk_loss_inplace, _teacher_probs
+
+    h, w, t, th, tw = _case(5)
+    h, w = h.detach(), w.detach()
+    teacher = TeacherTargets(hidden=th, weight=tw)
+    tp, logtp = _teacher_probs(teacher, slice(0, len(t)), w.shape[0], 1.3, h.dtype) if alpha else (None, None)
+    a = _chunk_loss(h, w, t, alpha, 1.3, tp, logtp, True)
+    b = _chunk_loss_inplace(h, w, t, alpha, 1.3, tp, logtp, True, torch.empty(len(t), w.shape[0], dtype=h.dtype))
+    for x, y in zip(a[:3], b[:3]):
+        assert abs(float(x - y)) < 1e-10
+    assert torch.allclose(a[3], b[3], atol=1e-12)

@@ -195,8 +195,8 @@ def make_optimizer(model: nn.Module, stage: StageConfig, device: torch.device) -
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps, **kw)
+    # fused on CPU too: measured 70 -> 14 ms per step on the tiny preset (foreach), 333 -> 73 ms at 140m
+    return torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.betas), eps=stage.eps, fused=True)
 
 
 def _state_dict_options(full: bool = True, broadcast: bool = False):

@@ -121,6 +121,48 @@ def _chunk_loss(h, weight, tgt, alpha, temperature, t, logt, want_grad):
     return loss, ce.sum(), kl.sum(), grad
 
 
+def _chunk_loss_inplace(h, weight, tgt, alpha, temperature, t, logt, want_grad, buf):
+    """:func:`_chunk_loss` computed inside one reusable ``(chunk, V)`` buffer (the eager path).
+
+    On a CPU each freshly allocated ``(chunk, V)`` fp32 tensor costs page faults on top of its arithmetic
+    (measured: a subtraction into a new 134 MB buffer 50-75 ms, in place 7 ms), so the logits become the
+    softmax and then the gradient in the same memory. The functional version stays for ``torch.compile``,
+    which fuses those passes itself."""
+    z = buf[: h.shape[0]]
+    if h.dtype == z.dtype and weight.dtype == z.dtype and not torch.is_autocast_enabled(h.device.type):
+        torch.mm(h, weight.t(), out=z)
+    else:
+        z.copy_(h @ weight.t())
+    keep = tgt != IGNORE
+    safe = tgt.clamp(min=0)
+    z_t = z.gather(1, safe[:, None]).squeeze(1)
+    kd = alpha > 0 and t is not None
+    logq = torch.log_softmax(z / temperature, dim=-1) if kd else None
+    m = z.amax(dim=-1, keepdim=True)
+    z.sub_(m).exp_()
+    total = z.sum(dim=-1, keepdim=True)
+    ce = ((total.log() + m).squeeze(1) - z_t) * keep
+    kl = torch.zeros_like(ce)
+    if kd:
+        kl = (t * (logt - logq)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).sum(-1) * keep
+    grad = None
+    if want_grad and (alpha < 1 or kd):
+        z.div_(total)  # softmax
+        if alpha < 1:
+            if alpha:
+                z.mul_(1 - alpha)
+            z[torch.arange(len(tgt), device=tgt.device), safe] -= (1 - alpha)
+        else:
+            z.zero_()
+        if kd:
+            z.add_(logq.exp_().sub_(t).mul_(alpha * temperature))
+        if not bool(keep.all()):
+            z.mul_(keep[:, None])
+        grad = z
+    loss = ((1 - alpha) * ce + alpha * temperature ** 2 * kl).sum()
+    return loss, ce.sum(), kl.sum(), grad
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, alpha, temperature, teacher, chunk):
@@ -131,18 +173,29 @@ class _FusedHeadLoss(torch.autograd.Function):
         want = grad_h is not None or grad_w is not None
         loss = hidden.new_zeros((), dtype=_acc(hidden.dtype))
         ce_sum, kd_sum = loss.clone(), loss.clone()
+        compiled = _COMPILE and hidden.is_cuda
+        buf = None if compiled else torch.empty(min(chunk, n), weight.shape[0], dtype=_acc(hidden.dtype),
+                                                device=hidden.device)
         for i in range(0, n, chunk):
             rows = slice(i, min(i + chunk, n))
             h = hidden[rows]
             t = logt = None
             if alpha > 0 and teacher is not None:
                 t, logt = _teacher_probs(teacher, rows, weight.shape[0], temperature, h.dtype)
-            fn = _compiled_chunk_loss() if _COMPILE and h.is_cuda else _chunk_loss
-            l, c, k, g = fn(h, weight, targets[rows], alpha, temperature, t, logt, want)
+            if compiled:
+                l, c, k, g = _compiled_chunk_loss()(h, weight, targets[rows], alpha, temperature, t, logt, want)
+            else:
+                l, c, k, g = _chunk_loss_inplace(h, weight, targets[rows], alpha, temperature, t, logt, want, buf)
             loss += l
             ce_sum += c
             kd_sum += k
-            if g is not None:
+            if g is not None and g.dtype == h.dtype == weight.dtype:  # fp32/fp64: accumulate in place
+                if grad_h is not None:
+                    torch.mm(g, weight, out=grad_h[rows])
+                if grad_w is not None:
+                    grad_w.addmm_(g.t(), h)
+            elif g is not None:
+                g = g.to(h.dtype)
                 if grad_h is not None:
                     grad_h[rows] = g @ weight
                 if grad_w is not None:
