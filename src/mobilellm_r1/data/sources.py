@@ -181,9 +181,9 @@ def iter_text_file(path: Path, source: str, stats: ReadStats, root: Path | None 
     yield Document(text=text, source=source, id=str(path.relative_to(root)) if root else path.name)
 
 
-def iter_hf(spec: str, source: str, text_field: str, stats: ReadStats, **load_kwargs) -> Iterator[Document]:
-    """``hf:NAME[:CONFIG][@SPLIT]`` streamed with ``datasets`` (needs internet unless NAME is a local
-    builder such as ``json`` with ``data_files``)."""
+def hf_rows(spec: str, **load_kwargs) -> Iterator[dict]:
+    """Records of ``hf:NAME[:CONFIG][@SPLIT]`` streamed with ``datasets`` (needs internet unless NAME is a
+    local builder such as ``json`` with ``data_files``)."""
     try:
         import datasets
     except ImportError as e:
@@ -191,8 +191,12 @@ def iter_hf(spec: str, source: str, text_field: str, stats: ReadStats, **load_kw
     body = spec[3:]
     body, _, split = body.partition("@")
     name, _, config = body.partition(":")
-    ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True, **load_kwargs)
-    for n, rec in enumerate(ds):
+    yield from datasets.load_dataset(name, config or None, split=split or "train", streaming=True, **load_kwargs)
+
+
+def iter_hf(spec: str, source: str, text_field: str, stats: ReadStats, **load_kwargs) -> Iterator[Document]:
+    """Documents of a hub dataset (see :func:`hf_rows`)."""
+    for n, rec in enumerate(hf_rows(spec, **load_kwargs)):
         where = f"{spec}:{n}"
         text = record_text(rec, text_field) if isinstance(rec, dict) else None
         if text is None:

@@ -1,0 +1,1 @@
+"""Graders: math answers (:mod:`.math`) and code executed in a sandbox (:mod:`.code`)."""

