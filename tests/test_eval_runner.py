@@ -83,3 +83,34 @@ def test_real_gsm8k_base_prompt_uses_train_exemplars(shared_benchmarks):
     p = task.build_prompt(task, ex[0], "base").text
     assert p.count("Question:") == 9 and p.endswith(f"Question: {ex[0].fields['question']}\nAnswer:")
     assert "The answer is" in p
+
+
+def test_code_tasks_grade_real_programs_in_the_sandbox(tmp_path):
+    """MBPP and stdin/stdout rows in their real field formats, scored on hand-written right and wrong
+    solutions (the scorer is what a model's completion goes through)."""
+    from mobilellm_r1.eval.tasks.base import load_examples
+    from mobilellm_r1.eval.tasks.code_io import TASKS as IO
+    from mobilellm_r1.eval.tasks.mbpp import TASKS as MBPP
+
+    mbpp = tmp_path / "mbpp.jsonl"
+    mbpp.write_text(json.dumps({"task_id": 11, "text": "Write a function to add two numbers.",
+                                "code": "def add(a, b):\n    return a + b", "test_setup_code": "",
+                                "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}) + "\n")
+    task = MBPP["mbpp"]
+    ex = load_examples(task, mbpp)[0]
+    assert "[BEGIN]" in task.build_prompt(task, ex, "base").text
+    assert task.score("def add(a, b):\n    return a + b\n[DONE]", ex)["correct"]
+    assert not task.score("def add(a, b):\n    return a - b\n[DONE]", ex)["correct"]
+
+    lcb = tmp_path / "lcb.jsonl"
+    cases = json.dumps([{"input": "3\n1 2 3\n", "output": "6\n", "testtype": "stdin"},
+                        {"input": "1\n5\n", "output": "5\n", "testtype": "stdin"}])
+    lcb.write_text(json.dumps({"question_content": "Sum the numbers.", "public_test_cases": cases}) + "\n"
+                   + json.dumps({"question": "No tests here."}) + "\n")
+    io = IO["code_io"]
+    with pytest.raises(TaskDataError, match=r"lcb.jsonl:2: no stdin/stdout test cases"):
+        load_examples(io, lcb)
+    ex = load_examples(io, lcb, limit=1)[0]
+    good = "Here:\n```python\nn = int(input())\nprint(sum(map(int, input().split())))\n```"
+    bad = "```python\nprint(0)\n```"
+    assert io.score(good, ex)["correct"] and not io.score(bad, ex)["correct"]

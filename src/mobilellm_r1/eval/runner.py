@@ -26,10 +26,12 @@ SHARED_BENCHMARKS = Path(__file__).resolve().parents[3].parent / "shared" / "dat
 
 
 def all_tasks() -> dict[str, Task]:
-    from .tasks.humaneval import TASKS as code
+    from .tasks.code_io import TASKS as code_io
+    from .tasks.humaneval import TASKS as humaneval
     from .tasks.math_tasks import TASKS as math
+    from .tasks.mbpp import TASKS as mbpp
 
-    return {**math, **code}
+    return {**math, **humaneval, **mbpp, **code_io}
 
 
 @dataclass
@@ -100,6 +102,10 @@ def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:
         from .tasks.math_tasks import gsm8k_exemplars
 
         task = dataclasses.replace(task, fewshot=gsm8k_exemplars(data))
+    elif task.name == "mbpp":
+        from .tasks.mbpp import mbpp_exemplars
+
+        task = dataclasses.replace(task, fewshot=mbpp_exemplars(data))
     dev = pick_device(cfg.device)
     model, meta = load_model_spec(model_spec, device=dev)
     if dev.type == "cpu":
@@ -107,7 +113,7 @@ def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:
     tok = load_tokenizer(meta.get("tokenizer") or "llama3")
     style = cfg.style
     if style == "auto":
-        style = "chat" if task.name in ("aime", "amc") and tok.chat is not None else "base"
+        style = "chat" if task.name in ("aime", "amc", "code_io") and tok.chat is not None else "base"
     if style == "chat" and tok.chat is None:
         raise TaskDataError(f"tokenizer {tok.name!r} has no chat format: use --style base")
     n_samples = cfg.n_samples or task.default_samples

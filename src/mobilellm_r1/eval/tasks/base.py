@@ -50,6 +50,7 @@ class Task:
     default_data: str = ""  # a file name looked for in ../shared/data/benchmarks-like folders
     hub: str = ""  # hf:NAME[:CONFIG][@SPLIT] for users with internet
     fewshot: list[dict] = field(default_factory=list)
+    check_row: Callable[[dict], str | None] | None = None  # beyond required fields: a problem with the row, or None
 
     def stops(self, style: str) -> list[str]:
         return self.stop.get(style, [])
@@ -94,8 +95,11 @@ def load_examples(task: Task, path: str | Path, limit: int = 0) -> list[Example]
             if f not in row or row[f] is None:
                 raise TaskDataError(f"{where}:{line}: missing field {f!r} (task {task.name} needs "
                                     f"{', '.join(task.required)})")
+        problem = task.check_row(row) if task.check_row else None
+        if problem:
+            raise TaskDataError(f"{where}:{line}: {problem}")
         ex_id = str(row[task.id_field]) if task.id_field and task.id_field in row else str(line - 1)
-        out.append(Example(id=ex_id, fields=row, gold=row[task.gold_field]))
+        out.append(Example(id=ex_id, fields=row, gold=row.get(task.gold_field)))
         if limit and len(out) >= limit:
             break
     if not out:
