@@ -11,6 +11,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .runner import EvalConfig, run_eval
     from .tasks.base import TaskDataError
 
+    from .tasks.choice import CHOICE_TASKS
+
+    if args.task in CHOICE_TASKS:  # scored by log-likelihood of each choice, no generation
+        from .loglik import run_choice_eval
+
+        try:
+            res = run_choice_eval(args.model, args.task, args.data or "", limit=args.limit,
+                                  batch_size=args.batch_size, fewshot=args.fewshot,
+                                  fewshot_data=args.fewshot_data or "", out=args.out or "", device=args.device,
+                                  progress=not args.json)
+        except (TaskDataError, CheckpointError, ValueError) as e:
+            raise UserError(str(e)) from None
+        if args.json:
+            print_json(res)
+        else:
+            print(f"{res['task']} ({res['n']} questions, {res.get('fewshot', 0)}-shot): acc {res['acc']:.4f} "
+                  f"[{res['ci95'][0]:.4f}, {res['ci95'][1]:.4f}]  acc_norm {res['acc_norm']:.4f}")
+        return 0
     cfg = EvalConfig(task=args.task, data=args.data or "", out=args.out or "", limit=args.limit,
                      n_samples=args.n_samples, style=args.style, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
@@ -58,7 +76,9 @@ def cmd_grade_humaneval(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on a benchmark (GSM8K, MATH500, AIME, AMC, HumanEval)")
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark: generation (gsm8k, math500, aime, amc, "
+                                    "humaneval, mbpp, code_io) or multiple choice by log-likelihood (arc_easy, "
+                                    "arc_challenge, boolq, piqa, siqa, hellaswag, obqa, winogrande, mmlu)")
     p.add_argument("--model", required=True, help="our checkpoint dir, HF Llama4 dir, .gguf, or 'smollm2'")
     p.add_argument("--task", required=True)
     p.add_argument("--data", help="JSONL/Parquet file or hf:NAME[:CONFIG][@SPLIT]")
@@ -71,6 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fewshot", type=int, default=None, help="multiple choice: exemplars (MMLU default 5)")
+    p.add_argument("--fewshot-data", help="multiple choice: file of exemplars (e.g. MMLU dev)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
