@@ -1,6 +1,7 @@
 """The code sandbox and the code graders: HumanEval end to end, hostile programs, pass@k, I/O and asserts."""
 
 import itertools
+import subprocess
 import json
 import os
 import socket
@@ -354,3 +355,14 @@ def test_a_namespace_set_up_failure_falls_back_to_the_other_layers(monkeypatch):
     assert code._namespaces_broken
     info = sandbox_info()                       # later runs skip the namespaces without trying again
     assert info["ok"] and not info["mntns"] and info["uid_drop"]
+
+
+def test_namespaces_are_in_force_wherever_the_kernel_allows_them(info):
+    """Isolation must not silently fall back when it is available: a checkout or interpreter under /tmp
+    once made the private-/tmp set-up fail and every run went on without network/mount namespaces."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("unshare") or \
+            subprocess.run(["unshare", "--net", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("this machine does not allow new network/mount namespaces")
+    assert info["netns"] and info["mntns"] and info["uid_drop"], info

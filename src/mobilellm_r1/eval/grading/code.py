@@ -159,12 +159,13 @@ def _setup(cfg):
             # handles on the interpreter's directories, taken in the new namespace (a bind mount's source
             # must be a mount of the caller's namespace), to bind them back once their parents are covered
             fds = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in need}
+            # decided before /tmp is covered: an interpreter or checkout under /tmp vanishes from view then
+            hide = sorted({a for a in map(_hidden_ancestor, need) if a})
             tmp = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d) and not os.path.islink(d)]
             for d in tmp:
                 size = cfg["tmpfs_mb"] if d == "/tmp" else 16
                 call("mount", b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
                      ("size=%dm,mode=1777" % size).encode())
-            hide = sorted({a for a in map(_hidden_ancestor, need) if a})
             for d in hide:
                 call("mount", b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=755")
             covered = tmp + hide
