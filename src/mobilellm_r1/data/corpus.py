@@ -364,25 +364,30 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
 
 
+def _group(pieces: list[str], joiner: str, target: int) -> list[str]:
+    """Consecutive pieces joined into groups of about ``target`` characters; a short tail joins the last."""
+    out: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for piece in pieces:
+        if cur and size + len(piece) > target:
+            out.append(joiner.join(cur))
+            cur, size = [], 0
+        cur.append(piece)
+        size += len(piece) + len(joiner)
+    if cur:
+        if out and size < target // 4:
+            out[-1] += joiner + joiner.join(cur)
+        else:
+            out.append(joiner.join(cur))
+    return out
+
+
 def chunk_paragraphs(text: str, target: int = CHUNK_CHARS) -> list[str]:
     """Split at blank lines into groups of about ``target`` characters (a paragraph is never cut)."""
     if len(text) <= target * 3 // 2:
         return [text]
-    out: list[str] = []
-    cur: list[str] = []
-    size = 0
-    for para in re.split(r"\n\s*\n", text):
-        if cur and size + len(para) > target:
-            out.append("\n\n".join(cur))
-            cur, size = [], 0
-        cur.append(para)
-        size += len(para) + 2
-    if cur:
-        if out and size < target // 4:
-            out[-1] += "\n\n" + "\n\n".join(cur)
-        else:
-            out.append("\n\n".join(cur))
-    return out
+    return _group(re.split(r"\n\s*\n", text), "\n\n", target)
 
 
 def chunk_sentences(text: str, target: int = CHUNK_CHARS) -> list[str]:
@@ -390,21 +395,7 @@ def chunk_sentences(text: str, target: int = CHUNK_CHARS) -> list[str]:
     text = " ".join(text.split())
     if len(text) <= target * 3 // 2:
         return [text]
-    out: list[str] = []
-    cur: list[str] = []
-    size = 0
-    for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'“‘(])", text):
-        if cur and size + len(sent) > target:
-            out.append(" ".join(cur))
-            cur, size = [], 0
-        cur.append(sent)
-        size += len(sent) + 1
-    if cur:
-        if out and size < target // 4:
-            out[-1] += " " + " ".join(cur)
-        else:
-            out.append(" ".join(cur))
-    return out
+    return _group(re.split(r"(?<=[.!?])\s+(?=[A-Z\"'“‘(])", text), " ", target)
 
 
 def _natural_key(s: str) -> list:

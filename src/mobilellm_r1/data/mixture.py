@@ -108,6 +108,16 @@ def _seed_key(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
 
 
+def window_doc_ids(starts: np.ndarray, start: int, length: int, dtype=np.int32) -> np.ndarray:
+    """Document number of each token of the stream window ``[start, start + length)`` (0 for the document
+    the window opens in), from the sorted document start offsets ``starts``. Only the starts inside the
+    window matter: mark them and count."""
+    lo, hi = np.searchsorted(starts, [start + 1, start + length])
+    marks = np.zeros(length, dtype=dtype)
+    marks[starts[lo:hi] - start] = 1
+    return np.cumsum(marks, dtype=dtype)
+
+
 @dataclass
 class Batch:
     tokens: np.ndarray  # (B, seq_len + 1) int64: inputs are [:, :-1], targets [:, 1:]
@@ -188,12 +198,7 @@ class MixtureSampler:
     def _doc_ids(self, source: str, start: int) -> np.ndarray:
         if source not in self._doc_starts:
             self._doc_starts[source] = self.shards.doc_starts(source)
-        starts = self._doc_starts[source]
-        # only the document starts inside this window matter: mark them and count
-        lo, hi = np.searchsorted(starts, [start + 1, start + self.seq_len + 1])
-        marks = np.zeros(self.seq_len + 1, dtype=np.int32)
-        marks[starts[lo:hi] - start] = 1
-        return np.cumsum(marks, dtype=np.int32)
+        return window_doc_ids(self._doc_starts[source], start, self.seq_len + 1)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, str, np.ndarray]]:
         return self

@@ -47,6 +47,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..data.mixture import window_doc_ids
+
 POOLS = ("token", "last", "mean")
 DEFAULT_SEQ_LEN = 2048  # the default window when neither the caller nor a shorter model context sets one
 _SVD_MAX_ELEMENTS = 1 << 24  # larger matrices take the Gram route in rankme()
@@ -163,14 +165,6 @@ class _Row:
         return len(self.tokens) - 1 - self.first
 
 
-def _window_doc_ids(starts: np.ndarray, start: int, length: int) -> np.ndarray:
-    """Document number of each token of a window, as the mixture sampler computes it."""
-    lo, hi = np.searchsorted(starts, [start + 1, start + length])
-    marks = np.zeros(length, dtype=np.int64)
-    marks[starts[lo:hi] - start] = 1
-    return np.cumsum(marks)
-
-
 def pick_windows(n_windows: int, seq_len: int, max_tokens: int = 0) -> tuple[np.ndarray, int]:
     """Which windows of a stream to score and from which target on: all of them without a cap; else
     ``max_tokens // seq_len`` windows evenly spaced over the stream; a cap below one window scores the last
@@ -202,7 +196,7 @@ def _shard_rows(shards, source: str, seq_len: int, max_tokens: int, doc_mask: bo
         for g, c in enumerate(idx.tolist()):
             s = c * seq_len
             toks = np.asarray(shards.tokens(source, s, seq_len + 1), dtype=np.int64)
-            doc = _window_doc_ids(starts, s, seq_len + 1) if doc_mask else None
+            doc = window_doc_ids(starts, s, seq_len + 1, np.int64) if doc_mask else None
             yield _Row(toks, doc, first, g)
 
     return [seq_len - first] * len(idx), gen()

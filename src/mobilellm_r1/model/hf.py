@@ -31,7 +31,7 @@ import torch
 
 from ..config import MODEL_PRESETS, ModelConfig
 from .io import (CheckpointError, atomic_dir, check_tensors, expected_shapes, load_model, model_from_tensors,
-                 model_tensors, resolve_tokenizer_spec, save_model, write_json)
+                 model_tensors, read_config_json, resolve_tokenizer_spec, save_model, write_json)
 from .transformer import Transformer
 
 # Files export writes itself; a tokenizer folder's copies of these are skipped.
@@ -248,12 +248,7 @@ def load_hf(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: torch
     """Our :class:`Transformer` from an HF ``Llama4ForCausalLM`` directory (dense, RoPE on every layer)."""
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{hf_dir}: no config.json")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON: {e}") from None
+    hf = read_config_json(cfg_path, f"{hf_dir}: no config.json")
     cfg = config_from_hf(hf, str(cfg_path))
     tensors = read_hf_tensors(hf_dir)
     where = str(hf_dir)

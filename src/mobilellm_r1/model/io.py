@@ -103,33 +103,44 @@ def model_from_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], wh
     return model.eval()
 
 
+def write_model_files(path: Path, tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, tokenizer: str) -> None:
+    """``model.safetensors`` + ``config.json`` into an existing directory."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / WEIGHTS),
+              metadata={"format": "pt"})
+    write_json(path / CONFIG, {"format": FORMAT, "model": to_dict(cfg), "tokenizer": tokenizer})
+
+
 def save_model(path: str | Path, model: Transformer, tokenizer_spec: str = "",
                extra_files: Mapping[str, str | Path] | None = None) -> Path:
     """Write ``model`` as our checkpoint directory at ``path`` (atomically). ``extra_files`` maps relative
     names inside the checkpoint to files copied in (e.g. tokenizer files)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
-    tensors = {k: v.cpu() for k, v in model_tensors(model).items()}
     with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        write_json(tmp / CONFIG, {"format": FORMAT, "model": to_dict(model.cfg), "tokenizer": tokenizer_spec})
+        write_model_files(tmp, model_tensors(model), model.cfg, tokenizer_spec)
         for rel, src in (extra_files or {}).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tmp / rel)
     return path
 
 
+def read_config_json(cfg_path: Path, missing: str) -> dict[str, Any]:
+    """A directory's ``config.json``; :class:`CheckpointError` with ``missing`` when absent, naming the
+    file when it is not JSON."""
+    if not cfg_path.is_file():
+        raise CheckpointError(missing)
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON: {e}") from None
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """``config.json`` of our checkpoint, with ``meta["config"]`` the parsed :class:`ModelConfig`."""
     path = Path(path)
     cfg_path = path / CONFIG
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{path} is not a checkpoint directory (no {CONFIG})")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON: {e}") from None
+    meta = read_config_json(cfg_path, f"{path} is not a checkpoint directory (no {CONFIG})")
     if meta.get("format") != FORMAT or "model" not in meta:
         hint = " (a Hugging Face directory? use `mobilellm-r1 model import`)" if "model_type" in meta else ""
         raise CheckpointError(f"{cfg_path}: not a {FORMAT} checkpoint{hint}")

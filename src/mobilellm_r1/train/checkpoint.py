@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ModelConfig, to_dict
-from ..model.io import CONFIG, FORMAT, WEIGHTS, CheckpointError, atomic_dir, write_json
+from ..config import ModelConfig
+from ..model.io import CONFIG, WEIGHTS, CheckpointError, atomic_dir, write_json, write_model_files
 
 STATE = "trainer_state.json"
 OPTIM = "optim.pt"
@@ -60,21 +60,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_model_dir(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: str) -> None:
-    """``model.safetensors`` + ``config.json`` into an existing directory."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / WEIGHTS),
-              metadata={"format": "pt"})
-    write_json(path / CONFIG, {"format": FORMAT, "model": to_dict(cfg), "tokenizer": tokenizer})
-
-
 def save_checkpoint(out: str | Path, step: int, *, model_state: dict[str, torch.Tensor], cfg: ModelConfig,
                     tokenizer: str, optim_state: dict[str, Any], rng_states: list[dict[str, Any]],
                     trainer_state: dict[str, Any], keep: int) -> Path:
     target = checkpoints_dir(out) / f"step_{step:08d}"
     with atomic_dir(target) as tmp:
-        write_model_dir(tmp, model_state, cfg, tokenizer)
+        write_model_files(tmp, model_state, cfg, tokenizer)
         torch.save(optim_state, tmp / OPTIM)
         torch.save(rng_states, tmp / RNG)
         write_json(tmp / STATE, {**trainer_state, "step": step})  # written last: its presence marks completion

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.mixture import window_doc_ids
 from ..data.shards import ShardSet, write_json_atomic
 
 
@@ -59,7 +60,7 @@ def write_cache(teacher_spec: str, shards_dir: str | Path, out: str | Path, top_
             toks = np.stack([shards.tokens(src, c * seq_len, seq_len) for c in cs]).astype(np.int64)
             doc = None
             if doc_mask:
-                doc = np.stack([_doc_ids(doc_starts, c * seq_len, seq_len) for c in cs])
+                doc = np.stack([window_doc_ids(doc_starts, c * seq_len, seq_len, np.int64) for c in cs])
                 doc = torch.from_numpy(doc).to(device)
             with torch.no_grad():
                 logits = teacher(torch.from_numpy(toks).to(device), doc_ids=doc).float()
@@ -84,14 +85,6 @@ def write_cache(teacher_spec: str, shards_dir: str | Path, out: str | Path, top_
                 "tokens": done, "seconds": secs, "tokens_per_s": done / max(secs, 1e-9)}
     write_json_atomic(out / "meta.json", meta_out)
     return meta_out
-
-
-def _doc_ids(starts: np.ndarray, start: int, length: int) -> np.ndarray:
-    """Document number of each token of a window, as the mixture sampler computes it."""
-    lo, hi = np.searchsorted(starts, [start + 1, start + length])
-    marks = np.zeros(length, dtype=np.int64)
-    marks[starts[lo:hi] - start] = 1
-    return np.cumsum(marks)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, Recipe, StageConfig
-from ..model.io import CheckpointError
+from ..model.io import CheckpointError, atomic_dir
 from ..model.transformer import Transformer
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -456,9 +457,6 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
         log.log({"step": step, "heldout_loss": h1})
     if info.is_main:  # the stage's result, for the next stage's init_from and for export
         newest = ckpt.list_checkpoints(out)[-1][1]
-        from ..model.io import atomic_dir
-        import shutil
-
         with atomic_dir(out / "final") as tmp:
             for name in ("model.safetensors", "config.json", ckpt.STATE):
                 shutil.copy2(newest / name, tmp / name)
