@@ -68,3 +68,21 @@ def test_every_shipped_recipe_loads():
         r = load_recipe(p)
         assert r.stages, p
         assert r.model.preset in MODEL_PRESETS, p
+
+
+def test_recipe_sections_are_built_strictly_by_their_owner():
+    from dataclasses import dataclass
+
+    from mobilellm_r1.config import ConfigError, recipe_from_dict
+
+    @dataclass
+    class Demo:
+        top_fraction: float = 0.1
+
+    r = recipe_from_dict({"curation": {"top_fraction": 0.25}}, "r.toml")
+    assert r.section("curation", Demo).top_fraction == 0.25
+    assert recipe_from_dict({}, "r.toml").section("deploy", Demo).top_fraction == 0.1
+    with pytest.raises(ConfigError, match="top_fractio"):
+        recipe_from_dict({"curation": {"top_fractio": 0.25}}, "r.toml").section("curation", Demo)
+    with pytest.raises(ConfigError, match="curatoin"):
+        recipe_from_dict({"curatoin": {}}, "r.toml")

@@ -199,7 +199,16 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)
+    # Tables owned by one subsystem each ([curation], [influence], [eval], [deploy], [pipeline]); kept raw
+    # here so config.py need not import them, and built strictly by their owner through ``section``.
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: str = ""
+
+    def section(self, name: str, cls: type) -> Any:
+        """The ``[name]`` table built as dataclass ``cls`` (defaults when the recipe has none)."""
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown recipe section {name!r}; known: {', '.join(SECTIONS)}")
+        return build(cls, self.sections.get(name, {}), f"[{name}] of {self.path or self.run.name}")
 
     def stage(self, name: str) -> StageConfig:
         if name not in self.stages:
@@ -299,12 +308,19 @@ def build_model_config(table: dict[str, Any], where: str = "model") -> ModelConf
     return build(ModelConfig, {"preset": preset, **table}, where)
 
 
+# Top-level tables a subsystem owns (see ``Recipe.section``).
+SECTIONS = ("curation", "influence", "eval", "deploy", "pipeline")
+
+
 def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
     data = dict(data)
-    unknown = sorted(set(data) - {"run", "model", "data", "stages"})
+    valid = ("run", "model", "data", "stages") + SECTIONS
+    unknown = sorted(set(data) - set(valid))
     if unknown:
-        raise ConfigError(f"unknown top-level table {unknown[0]!r} in {where} "
-                          "(valid: run, model, data, stages)")
+        raise ConfigError(f"unknown top-level table {unknown[0]!r} in {where} (valid: {', '.join(valid)})")
+    for name in SECTIONS:
+        if name in data and not isinstance(data[name], dict):
+            raise ConfigError(f"{where}: [{name}] must be a table")
     stages_raw = data.get("stages", {})
     if not isinstance(stages_raw, dict):
         raise ConfigError(f"{where}: [stages] must be a table of stage tables")
@@ -313,6 +329,7 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
         model=build_model_config(data.get("model", {}), f"[model] of {where}"),
         data=build(DataConfig, data.get("data", {}), f"[data] of {where}"),
         stages={name: build(StageConfig, tbl, f"[stages.{name}] of {where}") for name, tbl in stages_raw.items()},
+        sections={name: dict(data[name]) for name in SECTIONS if name in data},
         path=where,
     )
     names = [s.name for s in recipe.data.sources]
