@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a benchmark: generation (gsm8k, math500, aime, amc, "
                                     "humaneval, mbpp, code_io) or multiple choice by log-likelihood (arc_easy, "
                                     "arc_challenge, boolq, piqa, siqa, hellaswag, obqa, winogrande, mmlu)")
-    p.add_argument("--model", required=True, help="our checkpoint dir, HF Llama4 dir, .gguf, or 'smollm2'")
+    p.add_argument("--model", required=True, help="our checkpoint dir, a Hugging Face causal-LM dir (Llama4 or any transformers architecture), .gguf, or 'smollm2'")
     p.add_argument("--task", required=True)
     p.add_argument("--data", help="JSONL/Parquet file or hf:NAME[:CONFIG][@SPLIT]")
     p.add_argument("--out", help="folder for samples.jsonl and summary.json (re-running resumes)")

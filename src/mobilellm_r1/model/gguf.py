@@ -227,7 +227,8 @@ def load_any(spec: str | Path, device: str | torch.device = "cpu",
     - ``"smollm2"``: the offline SmolLM2-135M-Instruct GGUF asset;
     - a ``.gguf`` file (llama architecture);
     - our checkpoint directory (``config.json`` with ``"format": "mobilellm-r1"``);
-    - a Hugging Face directory whose ``config.json`` has ``model_type: llama4_text``.
+    - a Hugging Face directory whose ``config.json`` has ``model_type: llama4_text`` (loaded into our
+      decoder), or any other transformers causal LM (adapted by :class:`.foreign.ForeignCausalLM`).
 
     Returns ``(model in eval mode, meta)``. ``meta`` always has ``tokenizer`` (a spec
     :func:`mobilellm_r1.tokenizer.load_tokenizer` takes, resolved to an absolute path when it is one; ``""``
@@ -243,7 +244,8 @@ def load_any(spec: str | Path, device: str | torch.device = "cpu",
             raise CheckpointError(str(e)) from None
         return load_gguf(path, device=device, dtype=dtype or torch.float32)
     p = Path(spec)
-    kinds = "'smollm2', a .gguf file, a mobilellm-r1 checkpoint directory or a Hugging Face llama4_text directory"
+    kinds = ("'smollm2', a .gguf file, a mobilellm-r1 checkpoint directory or a Hugging Face causal-LM "
+             "directory (config.json with a *ForCausalLM architecture)")
     if p.is_file() and p.suffix == ".gguf":
         return load_gguf(p, device=device, dtype=dtype or torch.float32)
     if not p.exists():
@@ -276,6 +278,10 @@ def load_any(spec: str | Path, device: str | torch.device = "cpu",
         else:
             tok = ""
         return model, {"tokenizer": tok, "source": str(p), "arch": "llama4_text", "format": "hf", "config": cfg}
+    from .foreign import is_hf_causal_lm, load_foreign
+
+    if is_hf_causal_lm(raw):  # any other transformers causal LM (Qwen, SmolLM, GPT-2, …), adapted
+        return load_foreign(p, device=device, dtype=dtype)
     what = raw.get("model_type") or raw.get("format")
     what = f"model_type/format {what!r}" if what else "unrecognised config.json"
     raise CheckpointError(f"{p}: unsupported model ({what}); expected {kinds}")
