@@ -1,16 +1,13 @@
-"""`mobilellm-r1 demo`: the embedded default, end to end, on a CPU.
+"""`mobilellm-r1 run RECIPE` and `mobilellm-r1 demo` (= `run tiny`, what `make demo` runs).
 
-Until the full stage graph exists (pipeline.py), the demo runs what is built of ``recipes/tiny.toml``:
-build the embedded corpus → tokenize every recipe source into shards → draw the first stage's mixture
-and compare realised token shares with the recipe's weights → pre-train the tiny model (first stage) and
-report its held-out loss before and after. The corpus and shards are cached in the run directory; the
-training stage resumes from its newest checkpoint when interrupted.
+The stage graph and its manifests live in :mod:`mobilellm_r1.pipeline`, what each stage does in
+:mod:`mobilellm_r1.stages`; this module is the command line around them.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,103 +24,58 @@ def source_inputs(recipe: Recipe, corpus_dir: Path) -> dict[str, list[str]]:
     return out
 
 
-def run_demo(recipe_path: str, out: Path, sequences: int = 2000, progress: bool = True,
-             train_steps: int | None = None) -> dict[str, Any]:
-    from .data.corpus import build_corpus
-    from .data.mixture import MixtureSampler
-    from .data.shards import INDEX_FILE, ShardSet, TokenizeOptions, read_index, tokenize_sources
-
-    recipe = load_recipe(resolve_recipe(recipe_path))
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    corpus_dir = out / "corpus"
-    manifest = build_corpus(corpus_dir, progress=progress)
-    timings["build_corpus"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    shard_dir = out / "shards"
-    inputs = source_inputs(recipe, corpus_dir)
-    have = read_index(shard_dir)["sources"] if (shard_dir / INDEX_FILE).is_file() else {}
-    todo = {n: p for n, p in inputs.items() if n not in have or have[n]["inputs"] != p}
-    if todo:
-        tokenize_sources(todo, shard_dir, TokenizeOptions(tokenizer=recipe.data.tokenizer, progress=progress))
-    timings["tokenize"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    stage_name = recipe.first_training_stage()
-    stage = recipe.stage(stage_name)
-    shards = ShardSet(shard_dir)
-    sampler = MixtureSampler(shards, stage.mixture, seq_len=stage.seq_len, seed=recipe.run.seed)
-    for _ in range(sequences):
-        next(sampler)
-    timings["sample"] = time.perf_counter() - t0
-
-    train = None
-    if train_steps != 0:
-        from .train.checkpoint import list_checkpoints
-        from .train.loop import TrainOptions, train_stage
-
-        t0 = time.perf_counter()
-        stage_out = out / stage_name
-        done = (stage_out / "final").is_dir() and not train_steps
-        if not done:
-            opts = TrainOptions(out=str(stage_out), max_steps=train_steps or 0, shards=str(shard_dir),
-                                resume=bool(list_checkpoints(stage_out)), progress=progress)
-            res = train_stage(recipe, stage_name, opts)
-            train = {k: res.get(k) for k in ("steps", "final_loss", "tokens_per_s", "mfu", "heldout_loss_initial",
-                                             "heldout_loss_final", "checkpoint")}
-        else:
-            train = {"checkpoint": str(stage_out / "final"), "cached": True}
-        timings["train"] = time.perf_counter() - t0
-    return {
-        "recipe": str(recipe.path), "out": str(out),
-        "corpus": {"mb": manifest["total_bytes"] / 1e6,
-                   "sources": {n: m["category"] for n, m in manifest["sources"].items() if m["status"] == "ok"}},
-        "shards": {n: {"tokens": shards.n_tokens(n), "docs": shards.index["sources"][n]["docs"],
-                       "skipped": shards.index["sources"][n]["stats"]["skipped"]} for n in shards.sources},
-        "tokenizer": shards.index["tokenizer"],
-        "stage": stage_name, "seq_len": stage.seq_len, "sequences": sequences,
-        "target_shares": sampler.target_shares(), "realised_shares": sampler.token_shares(),
-        "train": train, "seconds": timings,
-    }
+def _print_plan(plan: dict[str, Any]) -> None:
+    print(f"recipe {plan['recipe']}: {plan['model_params']:,} parameters")
+    for row in plan["stages"]:
+        extra = ""
+        if "tokens" in row:
+            extra = f"  {row['tokens']:>16,.0f} tokens  {row['gpu_hours']:>10.1f} GPU-h"
+        print(f"  {row['stage']:16s} {row['kind']:10s}{extra}   after: {', '.join(row['deps']) or '-'}")
+    a = plan["assumptions"]
+    print(f"total ≈ {plan['gpu_hours_total']:.1f} GPU-hours at {a['mfu']:.0%} MFU of {a['gpu_peak_flops'] / 1e12:.0f} "
+          "TFLOP/s (H100 bf16)")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import stages  # noqa: F401  (registers the stage runners)
     from .cli import print_json
+    from .pipeline import RunOptions, dry_run, run_pipeline
 
-    res = run_demo(args.recipe, Path(args.out), args.sequences, progress=not args.json, train_steps=args.train_steps)
+    recipe = load_recipe(resolve_recipe(args.recipe))
+    if args.dry_run:
+        plan = dry_run(recipe)
+        print_json(plan) if args.json else _print_plan(plan)
+        return 0
+    quiet = args.json
+    opts = RunOptions(out=args.out or "", from_stage=args.from_stage or "", only=args.only or "",
+                      until=args.until or "", progress=not quiet,
+                      log=None if quiet else (lambda s: print(f"mobilellm-r1 run: {s}", file=sys.stderr, flush=True)))
+    res = run_pipeline(recipe, opts)
     if args.json:
         print_json(res)
-        return 0
-    print(f"\nmobilellm-r1 demo: {res['recipe']} → {res['out']}")
-    print(f"corpus: {res['corpus']['mb']:.1f} MB of real text from {len(res['corpus']['sources'])} sources")
-    print(f"shards ({res['tokenizer']} tokenizer):")
-    for n, s in res["shards"].items():
-        print(f"  {n:22s} {s['tokens']:>11,d} tokens {s['docs']:>8,d} docs ({s['skipped']} skipped)")
-    print(f"mixture of stage {res['stage']!r}: {res['sequences']} sequences of {res['seq_len'] + 1} tokens")
-    for n, w in res["target_shares"].items():
-        print(f"  {n:22s} target {w:.3f}  realised {res['realised_shares'][n]:.3f}")
-    tr = res["train"]
-    if tr and not tr.get("cached"):
-        print(f"pre-training {res['stage']!r}: {tr['steps']} steps, {tr['tokens_per_s']:,.0f} tokens/s"
-              + (f", MFU {tr['mfu']:.1%}" if tr.get("mfu") else ""))
-        if tr.get("heldout_loss_final") is not None and tr.get("heldout_loss_initial") is not None:
-            print(f"  held-out loss {tr['heldout_loss_initial']:.3f} -> {tr['heldout_loss_final']:.3f} nats/token")
-        print(f"  checkpoint {tr['checkpoint']}")
-    elif tr:
-        print(f"pre-training {res['stage']!r}: already done, checkpoint {tr['checkpoint']}")
-    print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["seconds"].items()))
+    else:
+        print("stage timings: " + ", ".join(f"{s['stage']} {s['seconds']:.0f}s"
+                                            + (" (cached)" if s["status"] == "cached" else "") for s in res["stages"]))
+        report = Path(res["run_dir"]) / "report.html"
+        if report.is_file():
+            print(f"report: {report}")
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the embedded default recipe (recipes/tiny.toml) on this machine")
-    p.add_argument("--recipe", default="tiny")
-    p.add_argument("--out", default="runs/tiny")
-    p.add_argument("--sequences", type=int, default=2000)
-    p.add_argument("--train-steps", type=int, default=None,
-                   help="train the first stage for this many steps (default: the recipe's; 0 = skip training)")
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="", help="run directory (default runs/<run.name>)")
+    p.add_argument("--from", dest="from_stage", default="", help="re-run this stage and every stage after it")
+    p.add_argument("--only", default="", help="run only this stage (the stages it needs must be done)")
+    p.add_argument("--until", default="", help="stop after this stage")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, token budgets and GPU-hours")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_run)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a recipe's whole stage graph (resumable; skips finished stages)")
+    p.add_argument("recipe", help="a recipe name in recipes/ (tiny, 140m, …) or a TOML path")
+    _add_run_args(p)
+    p = sub.add_parser("demo", help="run the embedded default recipe (recipes/tiny.toml) end to end")
+    p.add_argument("--recipe", default="tiny")
+    _add_run_args(p)

@@ -1,0 +1,254 @@
+"""The stage graph of a recipe: `mobilellm-r1 run RECIPE` runs the whole MobileLLM-R1 pipeline.
+
+build corpus → tokenize → curate → influence mixing → pre-train P1 → P2 → mid-train P1 (KD) → co-evolve →
+mid-train P2 (KD) → general SFT → reasoning SFT → (GRPO) → evaluate → quantize → decode benchmark → report.
+
+Every stage writes into ``<run>/<stage>/`` and, when it finishes, ``<run>/<stage>/stage.json``: the hash of
+what determines it (its config and its upstream stages' run ids), its outputs and its wall time. A stage
+whose manifest matches is skipped, so re-running a finished run does nothing and an interrupted run goes
+on from the stage it was in (training stages resume from their newest checkpoint inside it). Every
+finished stage gets a fresh ``run_id``, so re-running a stage (``--from`` / ``--only``) re-runs everything
+downstream of it on the next full run.
+
+Stages are small functions ``fn(ctx) -> outputs`` registered by kind; the graph is derived from the recipe
+(its ``[stages.*]`` in order, plus the data and evaluation stages around them) and the ``[pipeline]``
+table (:class:`PipelineConfig`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ConfigError, Recipe, to_dict
+
+MANIFEST = "stage.json"
+
+
+@dataclass
+class PipelineConfig:
+    """``[pipeline]``: which optional stages run and how the evaluation/report stages are sized."""
+    skip: list[str] = field(default_factory=list)  # stage names left out of the graph
+    corpus: str = ""  # an existing corpus folder to use instead of building the embedded one
+    # Training stages whose mixture the influence stage (Eq. 6) replaces; empty: the recipe's weights stay.
+    influence_mixture_for: list[str] = field(default_factory=list)
+    # The mid-training stage that trains on the co-evolved retained set (Eq. 7-8); "" disables co-evolution.
+    coevolve_for: str = ""
+    eval_tasks: list[str] = field(default_factory=lambda: ["gsm8k", "math500", "humaneval"])
+    eval_limit: int = 0  # examples per task (0: all)
+    eval_max_new_tokens: int = 0  # 0: the task's default
+    eval_batch_size: int = 8
+    probe_max_tokens: int = 20000  # held-out tokens per source for the perplexity/RankMe probe
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str
+    deps: list[str]
+    config: dict[str, Any]  # JSON-able: what, besides the deps, determines the stage's result
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    run_dir: Path
+    pipeline: PipelineConfig
+    stage: Stage
+    upstream: dict[str, dict[str, Any]]  # name -> manifest of every finished stage
+    progress: bool = True
+
+    @property
+    def out(self) -> Path:
+        return self.run_dir / self.stage.name
+
+    def output(self, stage: str, key: str) -> Any:
+        if stage not in self.upstream:
+            raise ConfigError(f"stage {self.stage.name!r} needs stage {stage!r}, which has not run")
+        return self.upstream[stage]["outputs"][key]
+
+
+# kind -> fn(ctx) -> outputs (JSON-able dict)
+RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {}
+
+
+def runner(kind: str):
+    def deco(fn):
+        RUNNERS[kind] = fn
+        return fn
+    return deco
+
+
+# ----------------------------------------------------------------------------------------- the graph
+
+
+def plan(recipe: Recipe) -> list[Stage]:
+    """The stages of ``recipe`` in the order they run (each after all of its deps)."""
+    pc = recipe.section("pipeline", PipelineConfig)
+    train_names = list(recipe.stages)
+    unknown = [n for n in pc.influence_mixture_for + ([pc.coevolve_for] if pc.coevolve_for else [])
+               if n not in recipe.stages]
+    if unknown:
+        raise ConfigError(f"[pipeline] names stage {unknown[0]!r}, which the recipe does not define "
+                          f"(stages: {', '.join(train_names)})")
+    stages = [Stage("corpus", "corpus", [], {"corpus": pc.corpus}),
+              Stage("tokenize", "tokenize", ["corpus"], {"data": to_dict(recipe.data)})]
+    stages.append(Stage("curate", "curate", ["corpus"], {"curation": recipe.sections.get("curation", {}),
+                                                          "sources": to_dict(recipe.data.sources)}))
+    if pc.influence_mixture_for:
+        stages.append(Stage("mix", "mix", ["tokenize", "curate"],
+                            {"influence": recipe.sections.get("influence", {}), "for": pc.influence_mixture_for}))
+    prev = ""
+    for name in train_names:
+        st = recipe.stages[name]
+        deps = ["tokenize"]
+        if st.init_from in recipe.stages:
+            deps.append(st.init_from)
+        elif prev and not st.init_from:
+            pass  # a fresh model: no ordering needed beyond the data
+        if name in pc.influence_mixture_for:
+            deps.append("mix")
+        if name == pc.coevolve_for:
+            src = st.init_from if st.init_from in recipe.stages else prev
+            stages.append(Stage("coevolve", "coevolve", ["tokenize", "curate", src],
+                                {"influence": recipe.sections.get("influence", {}), "stage": to_dict(st),
+                                 "from": src}))
+            deps.append("coevolve")
+        kind = {"pretrain": "train", "midtrain": "train"}.get(st.kind, st.kind)
+        stages.append(Stage(name, kind, deps, {"stage": to_dict(st), "model": to_dict(recipe.model),
+                                               "seed": recipe.run.seed}))
+        prev = name
+    last = train_names[-1] if train_names else ""
+    base = next((n for n in reversed(train_names) if recipe.stages[n].kind in ("pretrain", "midtrain")), "")
+    if last:
+        stages.append(Stage("evaluate", "evaluate", [n for n in dict.fromkeys([base, last]) if n],
+                            {"eval": recipe.sections.get("eval", {}), "pipeline": to_dict(pc),
+                             "base": base, "final": last}))
+        stages.append(Stage("quantize", "quantize", [last], {"deploy": recipe.sections.get("deploy", {})}))
+        stages.append(Stage("bench", "bench", ["quantize"], {"deploy": recipe.sections.get("deploy", {})}))
+    keep = [s for s in stages if s.name not in pc.skip]
+    kept = {s.name for s in keep}
+    for s in keep:  # a skipped stage's dependants lose the edge, not the stage
+        s.deps = [d for d in s.deps if d in kept]
+    stages = keep + [Stage("report", "report", [s.name for s in keep], {})]
+    return stages
+
+
+# ------------------------------------------------------------------------------------------ manifests
+
+
+def stage_key(stage: Stage, upstream: dict[str, dict[str, Any]]) -> str:
+    blob = json.dumps({"kind": stage.kind, "config": stage.config,
+                       "deps": {d: upstream[d]["run_id"] for d in stage.deps if d in upstream}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_manifest(run_dir: Path, name: str) -> dict[str, Any] | None:
+    p = run_dir / name / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None  # a torn write cannot happen (atomic), but a hand-edited file must not crash the run
+    return m if isinstance(m, dict) and m.get("status") == "done" else None
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class RunOptions:
+    out: str = ""  # run directory (default runs/<recipe run.name>)
+    from_stage: str = ""  # re-run this stage and everything after it
+    only: str = ""  # run just this stage (its deps must be done)
+    until: str = ""  # stop after this stage
+    progress: bool = True
+    log: Callable[[str], None] | None = None
+
+
+def run_pipeline(recipe: Recipe, opts: RunOptions) -> dict[str, Any]:
+    stages = plan(recipe)
+    names = [s.name for s in stages]
+    for flag, val in (("--from", opts.from_stage), ("--only", opts.only), ("--until", opts.until)):
+        if val and val not in names:
+            raise ConfigError(f"{flag} {val!r}: no such stage (stages: {', '.join(names)})")
+    pc = recipe.section("pipeline", PipelineConfig)
+    run_dir = Path(opts.out or Path("runs") / recipe.run.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = opts.log or (lambda s: None)
+    forced = set(names[names.index(opts.from_stage):]) if opts.from_stage else set()
+    if opts.only:
+        forced = {opts.only}
+    upstream: dict[str, dict[str, Any]] = {}
+    done: list[dict[str, Any]] = []
+    for st in stages:
+        have = read_manifest(run_dir, st.name)
+        missing = [d for d in st.deps if d not in upstream]
+        selected = not opts.only or st.name == opts.only
+        key = stage_key(st, upstream)
+        if have is not None and have.get("key") == key and st.name not in forced:
+            upstream[st.name] = have
+            done.append({"stage": st.name, "status": "cached", "seconds": have.get("seconds", 0.0)})
+            log(f"[{st.name}] up to date ({have.get('seconds', 0.0):.1f}s when it ran)")
+        elif not selected:
+            if have is not None:  # --only: others keep what they have, even if stale
+                upstream[st.name] = have
+            continue
+        elif missing:
+            raise ConfigError(f"stage {st.name!r} needs {', '.join(missing)} first (run without --only)")
+        else:
+            if st.kind not in RUNNERS:
+                raise ConfigError(f"stage {st.name!r}: no runner for kind {st.kind!r} "
+                                  f"(known: {', '.join(sorted(RUNNERS))})")
+            log(f"[{st.name}] running")
+            t0 = time.perf_counter()
+            ctx = Context(recipe, run_dir, pc, st, upstream, opts.progress)
+            ctx.out.mkdir(parents=True, exist_ok=True)
+            outputs = RUNNERS[st.kind](ctx)
+            secs = time.perf_counter() - t0
+            manifest = {"stage": st.name, "kind": st.kind, "status": "done", "key": key,
+                        "run_id": uuid.uuid4().hex[:12], "deps": {d: upstream[d]["run_id"] for d in st.deps},
+                        "config": st.config, "outputs": outputs, "seconds": secs, "finished": time.time()}
+            write_json_atomic(ctx.out / MANIFEST, manifest)
+            upstream[st.name] = manifest
+            done.append({"stage": st.name, "status": "ran", "seconds": secs})
+            log(f"[{st.name}] done in {secs:.1f}s")
+        if opts.until and st.name == opts.until:
+            break
+    return {"run_dir": str(run_dir), "recipe": recipe.path, "stages": done}
+
+
+def dry_run(recipe: Recipe) -> dict[str, Any]:
+    """The plan with token budgets and an estimate of GPU-hours (6·N·D FLOPs at an assumed MFU)."""
+    from .train.metrics import flops_per_token
+
+    gpu_peak, mfu = 989e12, 0.35  # H100 bf16 dense peak; the MFU our 950m run reached on one H100 is 0.39
+    rows, total = [], 0.0
+    for st in plan(recipe):
+        row: dict[str, Any] = {"stage": st.name, "kind": st.kind, "deps": st.deps}
+        if st.name in recipe.stages:
+            sc = recipe.stages[st.name]
+            tokens = sc.tokens or (sc.steps * sc.global_batch_tokens)
+            fpt = flops_per_token(recipe.model, sc.seq_len)
+            hours = tokens * fpt / (gpu_peak * mfu) / 3600 if tokens else 0.0  # fpt counts fwd + bwd
+            row.update(tokens=tokens, gpu_hours=hours)
+            total += hours
+        rows.append(row)
+    return {"recipe": recipe.path, "model_params": recipe.model.param_count(), "stages": rows,
+            "gpu_hours_total": total, "assumptions": {"gpu_peak_flops": gpu_peak, "mfu": mfu}}

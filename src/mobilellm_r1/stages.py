@@ -1,0 +1,136 @@
+"""What each pipeline stage does: thin calls into the subsystem that owns the work.
+
+Each runner takes the stage's :class:`~mobilellm_r1.pipeline.Context` and returns its outputs (JSON-able),
+which the engine records in ``<run>/<stage>/stage.json`` for the stages after it and for the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+from .pipeline import Context, runner
+
+
+def _training_out(ctx: Context, name: str) -> Path:
+    return ctx.run_dir / name
+
+
+@runner("corpus")
+def run_corpus(ctx: Context) -> dict[str, Any]:
+    if ctx.pipeline.corpus:  # a corpus the user already has: one file or folder per source
+        p = Path(ctx.pipeline.corpus)
+        if not p.is_dir():
+            raise ConfigError(f"[pipeline] corpus {p} is not a folder")
+        return {"dir": str(p.resolve()), "built": False}
+    from .data.corpus import build_corpus
+
+    manifest = build_corpus(ctx.out, progress=ctx.progress)
+    return {"dir": str(ctx.out.resolve()), "built": True, "mb": manifest["total_bytes"] / 1e6,
+            "sources": {n: {"category": m["category"], "bytes": m.get("bytes")}
+                        for n, m in manifest["sources"].items() if m["status"] == "ok"}}
+
+
+@runner("tokenize")
+def run_tokenize(ctx: Context) -> dict[str, Any]:
+    from .data.shards import INDEX_FILE, ShardSet, TokenizeOptions, read_index, tokenize_sources
+    from .demo import source_inputs
+
+    recipe = ctx.recipe
+    out = ctx.run_dir / (recipe.data.shards_dir or "shards")  # where training stages look for them
+    inputs = source_inputs(recipe, Path(ctx.output("corpus", "dir")))
+    have = read_index(out)["sources"] if (out / INDEX_FILE).is_file() else {}
+    todo = {n: p for n, p in inputs.items() if n not in have or have[n]["inputs"] != p}
+    if todo:
+        tokenize_sources(todo, out, TokenizeOptions(tokenizer=recipe.data.tokenizer, progress=ctx.progress))
+    shards = ShardSet(out)
+    return {"dir": str(out.resolve()), "tokenizer": shards.index["tokenizer"],
+            "tokens": {n: shards.n_tokens(n) for n in shards.sources},
+            "docs": {n: shards.index["sources"][n]["docs"] for n in shards.sources}}
+
+
+def effective_recipe(ctx: Context):
+    """The recipe with the pipeline's data decisions applied to the current stage: the influence-derived
+    mixture (Eq. 6) where ``[pipeline] influence_mixture_for`` names it, the co-evolved weights (Eq. 8)
+    for ``coevolve_for``."""
+    import dataclasses
+
+    recipe, name = ctx.recipe, ctx.stage.name
+    st = recipe.stages[name]
+    if name in ctx.pipeline.influence_mixture_for and "mix" in ctx.upstream:
+        st = dataclasses.replace(st, mixture=dict(ctx.output("mix", "weights")))
+    if name == ctx.pipeline.coevolve_for and "coevolve" in ctx.upstream:
+        st = dataclasses.replace(st, mixture=dict(ctx.output("coevolve", "weights")))
+    return dataclasses.replace(recipe, stages={**recipe.stages, name: st})
+
+
+@runner("train")
+def run_train(ctx: Context) -> dict[str, Any]:
+    from .train.checkpoint import list_checkpoints
+    from .train.loop import TrainOptions, train_stage
+
+    out = _training_out(ctx, ctx.stage.name)
+    opts = TrainOptions(out=str(out), shards=ctx.output("tokenize", "dir"), resume=bool(list_checkpoints(out)),
+                        progress=ctx.progress)
+    res = train_stage(effective_recipe(ctx), ctx.stage.name, opts)
+    keep = ("steps", "final_loss", "tokens_per_s", "mfu", "heldout_loss_initial", "heldout_loss_final",
+            "checkpoint", "resumed_from")
+    return {**{k: res.get(k) for k in keep}, "metrics": str(out / "metrics.jsonl"),
+            "mixture": effective_recipe(ctx).stages[ctx.stage.name].mixture}
+
+
+def _eval_model(ctx: Context, ckpt: str, style: str, tag: str) -> dict[str, Any]:
+    from .eval.runner import EvalConfig, all_tasks, run_eval
+    from .eval.tasks.base import TaskDataError
+
+    pc = ctx.pipeline
+    rows: dict[str, Any] = {}
+    tasks = all_tasks()
+    for task in pc.eval_tasks:
+        if task not in tasks:
+            raise ConfigError(f"[pipeline] eval_tasks: unknown task {task!r} (known: {', '.join(sorted(tasks))})")
+        cfg = EvalConfig(task=task, out=str(ctx.out / tag / task), limit=pc.eval_limit, style=style,
+                         max_new_tokens=pc.eval_max_new_tokens, batch_size=pc.eval_batch_size,
+                         progress=ctx.progress)
+        try:
+            s = run_eval(ckpt, cfg)
+        except TaskDataError as e:  # no local data for this task (a fresh clone without ../shared, offline)
+            rows[task] = {"skipped": str(e)}
+            continue
+        rows[task] = {k: s.get(k) for k in ("pass@1", "ci95", "n", "samples_per_s", "style", "data")}
+    return rows
+
+
+@runner("evaluate")
+def run_evaluate(ctx: Context) -> dict[str, Any]:
+    from .eval.probe import probe
+
+    cfg = ctx.stage.config
+    models = {"base": cfg["base"], "final": cfg["final"]}
+    out: dict[str, Any] = {"models": {}, "tasks": {}, "probe": {}}
+    seen: dict[str, str] = {}
+    for tag, stage in models.items():
+        if not stage:
+            continue
+        ckpt = ctx.output(stage, "checkpoint")
+        out["models"][tag] = {"stage": stage, "checkpoint": ckpt}
+        if ckpt in seen.values():
+            continue
+        seen[tag] = ckpt
+        kind = ctx.recipe.stages[stage].kind
+        style = "chat" if kind in ("sft", "grpo") else "base"
+        out["tasks"][tag] = _eval_model(ctx, ckpt, style, tag)
+        p = probe(ckpt, shards=ctx.output("tokenize", "dir"), max_tokens=ctx.pipeline.probe_max_tokens,
+                  heldout_fraction=ctx.recipe.data.heldout_fraction, rankme_samples=256)
+        out["probe"][tag] = {"overall": p["overall"], "rankme": p["rankme"]["rankme"],
+                             "sources": {n: {k: v.get(k) for k in ("nll", "ppl", "bits_per_byte", "tokens", "rankme")}
+                                         for n, v in p["sources"].items()}}
+    return out
+
+
+@runner("report")
+def run_report(ctx: Context) -> dict[str, Any]:
+    from .report import write_report
+
+    return write_report(ctx.run_dir, ctx.recipe, ctx.upstream)
