@@ -64,7 +64,7 @@ def plot_losses(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("Training curves per stage")
+    fig.suptitle("Training curves per stage (mid-training's training loss is the KD objective)", y=1.03)
     return _save(fig, path)
 
 
