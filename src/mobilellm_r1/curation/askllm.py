@@ -95,15 +95,15 @@ class PromptBuilder:
         self.chat = tokenizer.chat is not None if chat is None else chat
         if self.chat and tokenizer.chat is None:
             raise ValueError(f"tokenizer {tokenizer.name!r} has no chat format; use chat = false")
+        self.lead = "" if self.chat or len(tokenizer.encode(" 1")) != 1 else " "
 
     def answer_ids(self, answers: Sequence[str]) -> list[int]:
         """One token id per answer string. In the chat layout the answer opens the assistant turn ("1");
-        in plain text it follows "Answer:" with a space (" 1"), as a base model would write it."""
+        in plain text it follows "Answer:", with its space when the tokenizer has " 1" as one token (Llama-3)
+        and after a space already in the prompt when it splits digits from spaces (SmolLM2)."""
         out = []
         for a in answers:
-            ids = self.tok.encode(a if self.chat else " " + a)
-            if len(ids) != 1:
-                ids = self.tok.encode(a)
+            ids = self.tok.encode(self.lead + a)
             if len(ids) != 1:
                 raise ValueError(f"answer {a!r} is not a single token in tokenizer {self.tok.name!r}: {ids}")
             out.append(ids[0])
@@ -123,7 +123,7 @@ class PromptBuilder:
         if self.chat:
             ids = self.tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         else:
-            ids = self.tok.encode(content + "\nAnswer:", bos=True)
+            ids = self.tok.encode(content + "\nAnswer:" + ("" if self.lead else " "), bos=True)
         return Prompted(ids=ids, n_doc_tokens=len(doc), truncated=truncated)
 
 
