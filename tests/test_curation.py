@@ -71,9 +71,9 @@ def embedder():
 
 def test_askllm_score_is_p1_over_1_0_from_a_full_forward(smollm2):
     model, tok = smollm2
-    texts = real_docs()[:3] + ["x = 1 + 1"]
+    texts = real_docs()[:2] + ["x = 1 + 1"]
     scorer = AskLLM(transformer_last_logits(model, model.cfg.pad_id), tok, max_doc_tokens=48,
-                    context=model.cfg.max_seq_len, batch_size=4)  # one left-padded batch of 4 lengths
+                    context=model.cfg.max_seq_len, batch_size=3)  # one left-padded batch of 3 lengths
     got = scorer.score(texts, REASONING_PROMPT)
     edu = scorer.score(texts, EDU_PROMPT, kind="edu")
     b = PromptBuilder(tok, 48)
@@ -93,7 +93,7 @@ def test_askllm_score_is_p1_over_1_0_from_a_full_forward(smollm2):
         assert 0.0 <= g["score"] <= 1.0 and 0.0 <= e["score"] <= 5.0
         assert g["n_tokens"] == len(tok.encode(t))
         assert g["truncated"] == (g["n_tokens"] > 48)
-    assert [g["truncated"] for g in got] == [True, True, True, False]
+    assert [g["truncated"] for g in got] == [True, True, False]
     # The cut keeps the prompt inside the model's context: a tiny context forces a shorter document.
     small = AskLLM(transformer_last_logits(model, model.cfg.pad_id), tok, max_doc_tokens=4096, context=160)
     r = small.score(texts[:1], DOMAIN_PROMPTS["code"])
@@ -252,10 +252,10 @@ def test_pipeline_end_to_end_with_bad_input_and_cached_rescoring(tmp_path, smoll
         assert s2["steps"][step]["scored"] == 0 and s2["steps"][step]["cached"] > 0
     assert s2["steps"]["quality"]["labels_scored"] == 0 and s2["steps"]["embed"]["scored"] == 0
     assert s2["steps"]["askllm"]["kept"] == 1 + 1 + 1
-    # Another prompt is another scorer: its table is rescored, not mixed with the old one.
-    cfg3 = CurationConfig(**{**cfg.__dict__, "reasoning_prompt": "Is this text about Python? Answer 1 or 0."})
-    s3 = run_curation(cfg3, sources, out, caps, progress=False)
-    assert s3["steps"]["askllm"]["scored"] == 9
+    # Another prompt is another scorer: its table is not reused.
+    from mobilellm_r1.curation.store import ScoreTable
+    t = ScoreTable(out / "scores" / "askllm.parquet", "another scorer")
+    assert t.stale and t.missing(list(by_id)) == sorted(by_id, key=list(by_id).index)
 
 
 def test_datatrove_step_scores_like_the_local_path(tmp_path, smollm2):
@@ -291,16 +291,18 @@ def test_datatrove_step_scores_like_the_local_path(tmp_path, smollm2):
         assert got[f"d{j}"] == pytest.approx(local[j]["score"], abs=1e-5)
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    r = run_cli("curate", "--sources", tmp_path / "nope", "--out", tmp_path / "o", check=False)
-    assert r.returncode == 2 and "not a directory" in r.stderr and "Traceback" not in r.stderr
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from mobilellm_r1.cli import main
+
+    assert main(["curate", "--sources", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a directory" in capsys.readouterr().err
     (tmp_path / "blank").mkdir()
-    r = run_cli("curate", "--sources", tmp_path / "blank", "--out", tmp_path / "o", check=False)
-    assert r.returncode == 2 and "no sub-folders or data files" in r.stderr
+    assert main(["curate", "--sources", str(tmp_path / "blank"), "--out", str(tmp_path / "o")]) == 2
+    assert "no sub-folders or data files" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text('[curation]\ndedup_treshold = 0.5\n')
     r = run_cli("curate", "--recipe", bad, "--sources", tmp_path / "blank", "--out", tmp_path / "o", check=False)
-    assert r.returncode == 2 and "dedup_treshold" in r.stderr
+    assert r.returncode == 2 and "dedup_treshold" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
