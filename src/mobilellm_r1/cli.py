@@ -18,6 +18,7 @@ from . import __version__
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
     "mobilellm_r1.data.cli",
+    "mobilellm_r1.curation.cli",
     "mobilellm_r1.model.cli",
     "mobilellm_r1.train.cli",
     "mobilellm_r1.eval.cli",
