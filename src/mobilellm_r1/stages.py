@@ -50,6 +50,22 @@ def run_tokenize(ctx: Context) -> dict[str, Any]:
             "docs": {n: shards.index["sources"][n]["docs"] for n in shards.sources}}
 
 
+@runner("curate")
+def run_curate(ctx: Context) -> dict[str, Any]:
+    """Section 5.1.1 / Figure 5: representative sets per source and the C/M/K probing sets."""
+    from .curation import CurationConfig, run_curation
+    from .demo import source_inputs
+
+    recipe = ctx.recipe
+    cfg = recipe.section("curation", CurationConfig)
+    caps = {s.name: s.capabilities for s in recipe.data.sources if s.capabilities}
+    inputs = {n: p for n, p in source_inputs(recipe, Path(ctx.output("corpus", "dir"))).items() if n in caps}
+    summary = run_curation(cfg, inputs, ctx.out, source_caps=caps, progress=ctx.progress)
+    probing = {p.stem: str(p.resolve()) for p in sorted((ctx.out / "probing").glob("*.jsonl"))}
+    return {"dir": str(ctx.out.resolve()), "probing": probing,
+            "steps": summary.get("steps"), "sources": summary.get("sources")}
+
+
 def effective_recipe(ctx: Context):
     """The recipe with the pipeline's data decisions applied to the current stage: the influence-derived
     mixture (Eq. 6) where ``[pipeline] influence_mixture_for`` names it, the co-evolved weights (Eq. 8)
