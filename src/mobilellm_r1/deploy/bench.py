@@ -201,14 +201,27 @@ def worker(spec: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------- driver
 
 
-def run_worker(runtime: str, model: str, cfg: DeployConfig, contexts: list[int], timeout: float = 3600) -> dict:
-    spec = {"runtime": runtime, "model": str(model), "contexts": contexts, "threads": cfg.threads,
+def run_worker(runtime: str, model: str, cfg: DeployConfig, contexts: list[int], mcfg: ModelConfig,
+               max_context: int = 0, timeout: float = 3600) -> dict:
+    """One worker process for ``runtime`` over the contexts that can run; contexts predicted above the
+    memory limit are "OOM" and contexts beyond an export's static cache are errors without a process."""
+    limit = int(cfg.memory_limit_gb * (1 << 30)) or available_memory_bytes()
+    rows: dict[int, dict[str, Any]] = {}
+    for c in contexts:
+        if max_context and c > max_context:
+            rows[c] = {"context": c, "status": f"error: context {c} exceeds the exported context {max_context}"}
+        elif predicted_peak_bytes(mcfg, c, runtime, cfg.prefill_chunk) > limit:
+            rows[c] = {"context": c, "status": OOM}
+    todo = [c for c in contexts if c not in rows]
+    if not todo:
+        return {"bandwidth": None, "rows": rows}
+    spec = {"runtime": runtime, "model": str(model), "contexts": todo, "threads": cfg.threads,
             "new_tokens": cfg.new_tokens, "fill": cfg.fill, "prefill_chunk": cfg.prefill_chunk,
-            "memory_limit": int(cfg.memory_limit_gb * (1 << 30)) or available_memory_bytes()}
+            "memory_limit": limit}
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "mobilellm_r1.deploy.bench", "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout)
-    rows, bw = {}, None
+    bw = None
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
             d = json.loads(line)
@@ -216,7 +229,7 @@ def run_worker(runtime: str, model: str, cfg: DeployConfig, contexts: list[int],
                 bw = d["bandwidth"]
             else:
                 rows[d["context"]] = d
-    for c in contexts:  # killed (e.g. by the kernel's OOM killer) before reaching these
+    for c in todo:  # killed (e.g. by the kernel's OOM killer) before reaching these
         rows.setdefault(c, {"context": c, "status": OOM if proc.returncode in (-9, 137) else
                             f"worker failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"})
     return {"bandwidth": bw, "rows": rows}
@@ -234,7 +247,7 @@ def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfi
     mcfg = None
     if model_dir is not None:
         mcfg = load_any(model_dir)[1]["config"]
-    q_group = 0
+    q_group, max_context = 0, 0
     if pte is not None:
         from .export import sidecar
 
@@ -243,6 +256,7 @@ def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfi
 
         mcfg = mcfg or build(ModelConfig, meta["model"], str(sidecar(pte)))
         q_group = (meta.get("quantization") or {}).get("group_size", 0)
+        max_context = int(meta.get("max_context", 0))
     results: dict[str, Any] = {"contexts": contexts, "threads": cfg.threads, "new_tokens": cfg.new_tokens,
                                "fill": cfg.fill, "runtimes": {}, "config": asdict(cfg)}
     bws = []
@@ -250,7 +264,7 @@ def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfi
         src = pte if rt == "executorch_8da4w" else model_dir
         if src is None:
             continue
-        r = run_worker(rt, str(src), cfg, contexts)
+        r = run_worker(rt, str(src), cfg, contexts, mcfg, max_context if rt == "executorch_8da4w" else 0)
         if r["bandwidth"]:
             bws.append(r["bandwidth"])
         quant = rt == "executorch_8da4w"

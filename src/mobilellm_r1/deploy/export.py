@@ -20,10 +20,10 @@ shape stored as constant methods (``get_max_context_len`` ...) and a ``.json`` s
 
 GGUF
 ----
-llama.cpp's ``llama`` architecture has no QK-norm and rotates RoPE halves, not interleaved pairs. Models
-with ``qk_norm = false`` are written as ``llama`` GGUF (Q/K rows permuted to llama.cpp's RoPE layout,
-float32 or float16 tensors); our default architecture (QK-norm on) is refused with an error saying so,
-rather than written as a file that would decode wrongly.
+llama.cpp's ``llama`` architecture has no QK-norm. Models
+with ``qk_norm = false`` are written as ``llama`` GGUF (float32 or float16 tensors); our default architecture (QK-norm on) is refused with an error saying so,
+rather than written as a file that would decode wrongly. The tokenizer is embedded from a GGUF tokenizer
+(``smollm2`` or a ``.gguf``); RoPE needs no permutation (llama.cpp's normal RoPE is interleaved, like ours).
 """
 
 from __future__ import annotations
@@ -154,10 +154,11 @@ def _atomic_write_bytes(path: Path, write) -> None:
 
 def export_executorch(model: Transformer, out: str | Path, max_context: int, *, quantize: bool = True,
                       group_size: int = 0, embedding_group_size: int = 32, embedding_bits: int = 4,
-                      prefill_chunk: int = 256, quantized: bool | None = None) -> dict[str, Any]:
+                      prefill_chunk: int = 256, quantized: bool | None = None, source: str = "") -> dict[str, Any]:
     """Write ``model`` as an XNNPACK-lowered ``.pte`` at ``out`` with a static KV cache of ``max_context``
     positions. ``quantize`` applies the paper's 8da4w scheme first (in place on ``model``) unless the model
-    is already quantized (e.g. from :func:`~.quantize.load_quantized`). Returns a summary (also written
+    is already quantized (e.g. from :func:`~.quantize.load_quantized`). ``source`` (the checkpoint it came
+    from) is recorded so a benchmark of the file can find the fp32 model. Returns a summary (also written
     next to the file as ``OUT.json``)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -171,7 +172,8 @@ def export_executorch(model: Transformer, out: str | Path, max_context: int, *, 
     out = Path(out)
     already = quantized if quantized is not None else hasattr(model.embed_tokens.weight, "qdata")
     summary: dict[str, Any] = {"format": "executorch", "backend": "xnnpack", "max_context": max_context,
-                               "prefill_chunk": prefill_chunk, "model": _model_dict(model)}
+                               "prefill_chunk": prefill_chunk, "model": _model_dict(model),
+                               "source": str(Path(source).absolute()) if source else ""}
     if quantize and not already:
         summary["quantization"] = quantize_model(model, group_size, embedding_group_size, embedding_bits)
     elif already:
@@ -265,18 +267,29 @@ class PteRunner:
 # ---------------------------------------------------------------------------------------------- GGUF
 
 
-def _unpermute_for_llamacpp(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Our interleaved-pair RoPE rows -> llama.cpp's (HF Llama's) rotate-half rows: the inverse of the
-    permutation :mod:`mobilellm_r1.model.gguf` undoes on import."""
-    out, d = w.shape
-    hd = out // n_heads
-    return w.reshape(n_heads, hd // 2, 2, d).transpose(1, 2).reshape(out, d)
+def _gguf_tokenizer_fields(spec: str):
+    """``(key, value, type, sub_type)`` of the ``tokenizer.*`` metadata of a GGUF tokenizer spec."""
+    from gguf import GGUFReader, GGUFValueType
+
+    from ..assets import smollm2_gguf
+
+    path = smollm2_gguf() if spec == "smollm2" else Path(spec)
+    if not (path.is_file() and path.suffix == ".gguf"):
+        raise ValueError(f"GGUF export needs a GGUF tokenizer to embed ('smollm2' or a .gguf file); the "
+                         f"model's tokenizer is {spec!r}")
+    for name, f in GGUFReader(path).fields.items():
+        if name.startswith("tokenizer."):
+            sub = f.types[1] if f.types and f.types[0] == GGUFValueType.ARRAY and len(f.types) > 1 else None
+            yield name, f.contents(), f.types[0], sub
 
 
-def export_gguf(model: Transformer, out: str | Path, dtype: str = "f32", tokenizer_spec: str = "") -> dict[str, Any]:
-    """Write a llama-architecture GGUF. Refuses QK-norm and weight-sharing models (llama.cpp's ``llama``
-    graph has neither), naming the reason."""
+def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype: str = "f32") -> dict[str, Any]:
+    """Write a llama-architecture GGUF (float32/float16 tensors) with the tokenizer of ``tokenizer_spec``
+    embedded. llama.cpp's normal RoPE rotates interleaved pairs like ours, so q/k rows are stored as they
+    are (see :mod:`mobilellm_r1.model.gguf`). Refuses QK-norm and weight-sharing models, naming why."""
     import gguf
+
+    from ..model.gguf import gguf_name
 
     cfg = model.cfg
     if cfg.qk_norm:
@@ -284,46 +297,30 @@ def export_gguf(model: Transformer, out: str | Path, dtype: str = "f32", tokeniz
                          "it (qk_norm = true); the file would decode wrongly. Use --format executorch or hf.")
     if cfg.weight_sharing:
         raise ValueError("GGUF export: weight sharing is not supported; export to hf (which unrolls it) instead")
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"GGUF export: dtype must be f32 or f16, not {dtype!r}")
+    tok_fields = list(_gguf_tokenizer_fields(tokenizer_spec))
     out = Path(out)
-    np_dtype = {"f32": "float32", "f16": "float16"}[dtype]
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name("mobilellm-r1")
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_bos_token_id(cfg.bos_id)
-    if cfg.eos_ids:
-        w.add_eos_token_id(cfg.eos_ids[0])
-
-    def t(name: str, x: torch.Tensor, keep_f32: bool = False) -> None:
-        a = x.detach().float().cpu().numpy()
-        w.add_tensor(name, a if keep_f32 else a.astype(np_dtype))
-
-    t("token_embd.weight", model.embed_tokens.weight)
-    if model.lm_head is not None:
-        t("output.weight", model.lm_head.weight)
-    t("output_norm.weight", model.norm.weight, keep_f32=True)
-    for i, blk in enumerate(model.layers):
-        a, ff = blk.self_attn, blk.feed_forward
-        t(f"blk.{i}.attn_norm.weight", blk.input_layernorm.weight, keep_f32=True)
-        t(f"blk.{i}.attn_q.weight", _unpermute_for_llamacpp(a.q_proj.weight, cfg.n_heads))
-        t(f"blk.{i}.attn_k.weight", _unpermute_for_llamacpp(a.k_proj.weight, cfg.n_kv_heads))
-        t(f"blk.{i}.attn_v.weight", a.v_proj.weight)
-        t(f"blk.{i}.attn_output.weight", a.o_proj.weight)
-        t(f"blk.{i}.ffn_norm.weight", blk.post_attention_layernorm.weight, keep_f32=True)
-        t(f"blk.{i}.ffn_gate.weight", ff.gate_proj.weight)
-        t(f"blk.{i}.ffn_up.weight", ff.up_proj.weight)
-        t(f"blk.{i}.ffn_down.weight", ff.down_proj.weight)
     try:
+        w.add_name("mobilellm-r1")
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.dim)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(cfg.ffn_dim)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        for key, val, vtype, sub in tok_fields:
+            w.add_key_value(key, val, vtype, sub)
+        for name, p in model.named_parameters():
+            a = p.detach().float().cpu().numpy()
+            w.add_tensor(gguf_name(name), a if p.dim() == 1 or dtype == "f32" else a.astype("float16"))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -333,7 +330,7 @@ def export_gguf(model: Transformer, out: str | Path, dtype: str = "f32", tokeniz
         if tmp.exists():
             tmp.unlink()
     return {"format": "gguf", "arch": "llama", "dtype": dtype, "bytes": out.stat().st_size,
-            "fp32_bytes": 4 * cfg.param_count(), "tokenizer": "not embedded (pass the model's tokenizer)"}
+            "fp32_bytes": 4 * cfg.param_count()}
 
 
 __all__ = ["PackedEmbedding", "PteRunner", "StaticCacheLM", "export_executorch", "export_gguf",
