@@ -262,7 +262,12 @@ def load_any(spec: str | Path, device: str | torch.device = "cpu",
     if raw.get("format") == FORMAT:
         from .io import load_model, resolve_tokenizer_spec
 
-        model, meta = load_model(p, device=device, dtype=dtype)
+        if "quantization" in raw:  # `mobilellm-r1 quantize` output: the fake-quant (torchao) model
+            from ..deploy.quantize import load_quantized
+
+            model, meta = load_quantized(p)
+        else:
+            model, meta = load_model(p, device=device, dtype=dtype)
         meta["tokenizer"] = resolve_tokenizer_spec(p, meta.get("tokenizer") or "")
         meta.update(source=str(p), arch="mobilellm-r1")
         return model, meta

@@ -97,7 +97,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.qkv_t: torch.Tensor | None = None  # (dim, q+k+v) storage shared with q/k/v_proj (decode layout)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv, start: int, end: int) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``q, k, v`` of shape ``(B, S, heads, hd)``: projected, RoPE'd and (QK-norm) normalised. Shared by
+        :meth:`forward` and the exportable static-cache module in :mod:`mobilellm_r1.deploy.export`."""
         b, s, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         if _fused(self.qkv_t, self.q_proj.weight):
@@ -113,6 +115,12 @@ class Attention(nn.Module):
             if self.qk_norm:
                 q = F.rms_norm(q.float(), (hd,), eps=self.eps).type_as(q)
                 k = F.rms_norm(k.float(), (hd,), eps=self.eps).type_as(k)
+        return q, k, v
+
+    def forward(self, x, cos, sin, mask, is_causal, kv, start: int, end: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.project(x, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv is not None:
             k_buf, v_buf = kv

@@ -1,0 +1,321 @@
+"""Decode throughput and memory across context lengths (paper section 8, Table 10), against the
+memory-bandwidth roofline.
+
+Rows (runtimes): ``eager_fp32`` (``Transformer.forward`` with our KV cache, weights as trained),
+``generator_fp32`` (:func:`mobilellm_r1.model.generate.generate` after ``decode_layout()``, what
+``mobilellm-r1 generate`` runs) and ``executorch_8da4w`` (the exported XNNPACK ``.pte``). Columns: contexts
+(prompt + generation tokens). At context ``C`` a run fills ``C - new_tokens`` positions (a real prefill of
+random token ids, or with ``fill = "synthetic"`` a zero cache: decode cost does not depend on the cached
+values) and times ``new_tokens`` greedy decode steps.
+
+Each runtime runs in its own worker process (``python -m mobilellm_r1.deploy.bench --worker``): thread
+pools of two runtimes in one process interfere, and a process's peak RSS is then that runtime's peak
+memory. Contexts run in increasing order, so the peak RSS after a context is that context's peak. A
+context whose predicted memory exceeds the limit, or that fails to allocate, is reported ``"OOM"``.
+
+Roofline: decoding one token reads every weight once (the head included; of the embedding only one row)
+plus the KV cache of the whole context, so ``tokens/s <= bandwidth / bytes_per_token``, with the
+bandwidth measured in the same worker at the same thread count (a streaming ``torch.sum``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig
+from .config import RUNTIMES, DeployConfig
+
+OOM = "OOM"
+
+
+# ------------------------------------------------------------------------------------ byte accounting
+
+
+def kv_bytes_per_position(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
+    """Bytes of keys + values one context position holds (every layer application)."""
+    apps = cfg.n_layers * (2 if cfg.weight_sharing else 1)
+    return apps * 2 * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
+
+
+def weight_bytes_per_token(cfg: ModelConfig, quantized: bool, group_size: int = 0) -> int:
+    """Weight bytes one decode step reads: every linear and the head once, norms, one embedding row.
+    ``quantized``: int4 weights (half a byte) plus one fp32 scale per group (8da4w as exported)."""
+    from .quantize import resolve_group_size
+
+    d, hd = cfg.dim, cfg.head_dim
+    shapes = [(d, cfg.n_heads * hd), (d, cfg.n_kv_heads * hd), (d, cfg.n_kv_heads * hd), (cfg.n_heads * hd, d),
+              (d, cfg.ffn_dim), (d, cfg.ffn_dim), (cfg.ffn_dim, d)]
+    linears = shapes * cfg.n_layers + [(d, cfg.vocab_size)]
+    norms = 4 * d * (2 * cfg.n_layers + 1)
+    if not quantized:
+        return 4 * sum(i * o for i, o in linears) + norms + 4 * d
+    gs = resolve_group_size(cfg, group_size)
+    return sum(i * o // 2 + 4 * (i // gs) * o for i, o in linears) + norms + d  # embedding row: 4-bit
+
+
+def bytes_per_token(cfg: ModelConfig, context: int, quantized: bool, group_size: int = 0) -> int:
+    return weight_bytes_per_token(cfg, quantized, group_size) + context * kv_bytes_per_position(cfg)
+
+
+def available_memory_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 40
+
+
+def predicted_peak_bytes(cfg: ModelConfig, context: int, runtime: str, prefill_chunk: int) -> int:
+    """A coarse upper estimate of a run's memory: weights (fp32 copies for eager), the KV cache, and the
+    prefill activations (attention works blockwise; MLP and head activations of the prefill length)."""
+    fp32_w = 4 * cfg.param_count()
+    kv = context * kv_bytes_per_position(cfg)
+    rows = context if runtime != "executorch_8da4w" else prefill_chunk
+    acts = 4 * rows * (3 * cfg.ffn_dim + 6 * cfg.dim)
+    return (fp32_w if runtime != "executorch_8da4w" else fp32_w // 3) + kv + acts + (512 << 20)
+
+
+# ------------------------------------------------------------------------------------------- worker
+
+
+def measure_bandwidth(threads: int, mb: int = 256) -> float:
+    """Streaming read bandwidth (bytes/s): best of 5 ``torch.sum`` over a buffer larger than the caches."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(mb * (1 << 20) // 4)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _torch_runner(spec: dict[str, Any]):
+    import torch
+
+    from ..model.generate import generate
+    from ..model.gguf import load_any
+
+    model, _ = load_any(spec["model"], dtype=torch.float32)
+    model.eval()
+    fast = spec["runtime"] == "generator_fp32"
+    if fast:
+        model.decode_layout()
+
+    @torch.inference_mode()
+    def run(context: int, new: int, fill: str, prompt: list[int]) -> dict[str, float]:
+        if context > model.cfg.max_seq_len:
+            model.set_rope(max_seq_len=context)
+            if fast:
+                model.decode_layout()
+        if fast and fill == "prefill":
+            res = generate(model, [prompt], new, stop_token_ids=[])
+            return {"decode_tok_s": res.decode_tokens_per_s, "prefill_s": res.prefill_s}
+        cache = model.new_cache(1, context)
+        t0 = time.perf_counter()
+        if fill == "prefill":
+            logits = model(torch.tensor([prompt]), cache=cache, last_only=True)[:, -1]
+        else:
+            cache.length = context - new
+            logits = model(torch.tensor([[prompt[-1]]]), cache=cache)[:, -1]
+        t1 = time.perf_counter()
+        nxt = logits.argmax(-1)
+        for _ in range(new - 1):
+            nxt = model(nxt[:, None], cache=cache)[:, -1].argmax(-1)
+            nxt.item()
+        t2 = time.perf_counter()
+        return {"decode_tok_s": (new - 1) / (t2 - t1), "prefill_s": t1 - t0}
+
+    return run, model.cfg
+
+
+def _pte_runner(spec: dict[str, Any]):
+    from ..config import build
+    from .export import PteRunner
+
+    r = PteRunner(spec["model"], threads=spec["threads"])
+
+    def run(context: int, new: int, fill: str, prompt: list[int]) -> dict[str, float]:
+        if context > r.max_context:
+            raise ValueError(f"context {context} exceeds the exported context {r.max_context}")
+        t0 = time.perf_counter()
+        if fill == "prefill":
+            logits = r.prefill(prompt)
+            pos = len(prompt)
+        else:
+            pos = context - new
+            logits = r.step([prompt[-1]], pos - 1)
+        t1 = time.perf_counter()
+        t = int(logits.argmax())
+        for i in range(new - 1):
+            t = int(r.step([t], pos + i).argmax())
+        t2 = time.perf_counter()
+        return {"decode_tok_s": (new - 1) / (t2 - t1), "prefill_s": t1 - t0}
+
+    return run, build(ModelConfig, r.meta["model"], f"{spec['model']}.json:model")
+
+
+def worker(spec: dict[str, Any]) -> None:
+    """Run one runtime over the contexts, printing one JSON line per context (and one for bandwidth)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    print(json.dumps({"bandwidth": measure_bandwidth(spec["threads"])}), flush=True)
+    run, cfg = (_pte_runner if spec["runtime"] == "executorch_8da4w" else _torch_runner)(spec)
+    g = torch.Generator().manual_seed(0)
+    limit = spec["memory_limit"]
+    for c in sorted(spec["contexts"]):
+        row: dict[str, Any] = {"context": c}
+        if predicted_peak_bytes(cfg, c, spec["runtime"], spec["prefill_chunk"]) > limit:
+            row["status"] = OOM
+        else:
+            prompt = torch.randint(0, cfg.vocab_size, (c - spec["new_tokens"],), generator=g).tolist()
+            try:
+                row.update(run(c, spec["new_tokens"], spec["fill"], prompt))
+                row["status"] = "ok"
+            except (MemoryError, torch.OutOfMemoryError):
+                row["status"] = OOM
+            except (RuntimeError, ValueError) as e:
+                row["status"] = OOM if "alloc" in str(e).lower() or "memory" in str(e).lower() else f"error: {e}"
+        row["peak_rss_mb"] = _peak_rss_mb()
+        print(json.dumps(row), flush=True)
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def run_worker(runtime: str, model: str, cfg: DeployConfig, contexts: list[int], mcfg: ModelConfig,
+               max_context: int = 0, timeout: float = 3600) -> dict:
+    """One worker process for ``runtime`` over the contexts that can run; contexts predicted above the
+    memory limit are "OOM" and contexts beyond an export's static cache are errors without a process."""
+    limit = int(cfg.memory_limit_gb * (1 << 30)) or available_memory_bytes()
+    rows: dict[int, dict[str, Any]] = {}
+    for c in contexts:
+        if max_context and c > max_context:
+            rows[c] = {"context": c, "status": f"error: context {c} exceeds the exported context {max_context}"}
+        elif predicted_peak_bytes(mcfg, c, runtime, cfg.prefill_chunk) > limit:
+            rows[c] = {"context": c, "status": OOM}
+    todo = [c for c in contexts if c not in rows]
+    if not todo:
+        return {"bandwidth": None, "rows": rows}
+    spec = {"runtime": runtime, "model": str(model), "contexts": todo, "threads": cfg.threads,
+            "new_tokens": cfg.new_tokens, "fill": cfg.fill, "prefill_chunk": cfg.prefill_chunk,
+            "memory_limit": limit}
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "mobilellm_r1.deploy.bench", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    bw = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            if "bandwidth" in d:
+                bw = d["bandwidth"]
+            else:
+                rows[d["context"]] = d
+    for c in todo:  # killed (e.g. by the kernel's OOM killer) before reaching these
+        rows.setdefault(c, {"context": c, "status": OOM if proc.returncode in (-9, 137) else
+                            f"worker failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"})
+    return {"bandwidth": bw, "rows": rows}
+
+
+def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfig,
+          contexts: list[int] | None = None) -> dict[str, Any]:
+    """Benchmark the runtimes of ``cfg.runtimes`` that have an input: fp32 ones need ``model_dir`` (our
+    checkpoint), ``executorch_8da4w`` needs ``pte``. Returns the results (see :func:`table`)."""
+    from ..model.gguf import load_any
+
+    contexts = sorted(contexts or cfg.contexts)
+    if any(c <= cfg.new_tokens for c in contexts):
+        raise ValueError(f"every context must exceed new_tokens ({cfg.new_tokens}): {contexts}")
+    mcfg = None
+    if model_dir is not None:
+        mcfg = load_any(model_dir)[1]["config"]
+    q_group, max_context = 0, 0
+    if pte is not None:
+        from .export import sidecar
+
+        meta = json.loads(sidecar(pte).read_text())
+        from ..config import build
+
+        mcfg = mcfg or build(ModelConfig, meta["model"], str(sidecar(pte)))
+        q_group = (meta.get("quantization") or {}).get("group_size", 0)
+        max_context = int(meta.get("max_context", 0))
+    results: dict[str, Any] = {"contexts": contexts, "threads": cfg.threads, "new_tokens": cfg.new_tokens,
+                               "fill": cfg.fill, "runtimes": {}, "config": asdict(cfg)}
+    bws = []
+    for rt in cfg.runtimes:
+        src = pte if rt == "executorch_8da4w" else model_dir
+        if src is None:
+            continue
+        r = run_worker(rt, str(src), cfg, contexts, mcfg, max_context if rt == "executorch_8da4w" else 0)
+        if r["bandwidth"]:
+            bws.append(r["bandwidth"])
+        quant = rt == "executorch_8da4w"
+        wb = weight_bytes_per_token(mcfg, quant, q_group)
+        for c, row in r["rows"].items():
+            row["weight_bytes_per_token"] = wb
+            row["kv_bytes_per_token"] = c * kv_bytes_per_position(mcfg)
+            row["bytes_per_token"] = wb + row["kv_bytes_per_token"]
+            if row.get("status") == "ok" and r["bandwidth"]:
+                roof = r["bandwidth"] / row["bytes_per_token"]
+                row["roofline_tok_s"] = roof
+                row["roofline_fraction"] = row["decode_tok_s"] / roof
+        results["runtimes"][rt] = {"bandwidth": r["bandwidth"], "rows": [r["rows"][c] for c in contexts]}
+    results["bandwidth"] = max(bws) if bws else None
+    results["kv_bytes_per_position"] = kv_bytes_per_position(mcfg)
+    results["table"] = table(results)
+    return results
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    if row.get("status") != "ok":
+        return str(row.get("status", "-"))[:40]
+    v = row.get(key)
+    return "-" if v is None else format(v, fmt)
+
+
+def _ctx(c: int) -> str:
+    return f"{c // 1024}k" if c % 1024 == 0 else str(c)
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown in the shape of the paper's Table 10: decode tokens/s per runtime (rows) and context
+    (columns), then the same grid as a fraction of the bandwidth roofline and as peak memory."""
+    ctx = results["contexts"]
+    head = "| runtime | " + " | ".join(_ctx(c) for c in ctx) + " |\n|---|" + "---|" * len(ctx) + "\n"
+    parts = []
+    for title, key, fmt in (("decode tokens/s", "decode_tok_s", ".1f"), ("fraction of bandwidth roofline",
+                                                                          "roofline_fraction", ".2f"),
+                            ("peak memory (MB, process RSS)", "peak_rss_mb", ".0f")):
+        lines = [f"**{title}** ({results['threads']} thread(s), {results['new_tokens']} new tokens)\n\n", head]
+        for rt, r in results["runtimes"].items():
+            lines.append(f"| {rt} | " + " | ".join(_cell(row, key, fmt) for row in r["rows"]) + " |\n")
+        parts.append("".join(lines))
+    return "\n".join(parts)
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", required=True)
+    worker(json.loads(ap.parse_args().worker))
+
+
+if __name__ == "__main__":
+    _main()

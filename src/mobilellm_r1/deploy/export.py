@@ -1,0 +1,337 @@
+"""On-device runtime formats: ExecuTorch ``.pte`` lowered to XNNPACK (the paper's runtime), GGUF for
+llama.cpp, and (already in :mod:`mobilellm_r1.model.hf`) Hugging Face safetensors.
+
+ExecuTorch
+----------
+:class:`StaticCacheLM` is the export-friendly form of a :class:`~mobilellm_r1.model.transformer.Transformer`:
+it holds the model itself (same modules, same weights, same ``Attention.project`` math: projections,
+interleaved RoPE, QK-norm) and adds a static KV cache as buffers, one ``(1, max_context, kv_heads,
+head_dim)`` pair per layer application, updated in place by ExecuTorch's llama custom ops
+(``llama::update_cache``) and attended by ``llama::custom_sdpa``, which reads only the filled prefix,
+so a decode step costs what its context costs, not the cache's size. ``forward(tokens (1, S), input_pos
+(1,))`` writes positions ``input_pos .. input_pos+S-1`` and returns the logits of the last position
+(``full_logits`` all of them). ``S`` is dynamic up to ``prefill_chunk``.
+
+:func:`export_executorch` quantizes (optional, :mod:`.quantize`: 8da4w linears, 4-bit group-32 embedding
+swapped for ExecuTorch's packed ``quantized_decomposed::embedding_4bit`` lookup), runs ``torch.export``,
+lowers to XNNPACK with ``to_edge_transform_and_lower`` and writes the ``.pte`` atomically, with the model
+shape stored as constant methods (``get_max_context_len`` ...) and a ``.json`` sidecar.
+:class:`PteRunner` loads a ``.pte`` and steps it.
+
+GGUF
+----
+llama.cpp's ``llama`` architecture has no QK-norm. Models
+with ``qk_norm = false`` are written as ``llama`` GGUF (float32 or float16 tensors); our default architecture (QK-norm on) is refused with an error saying so,
+rather than written as a file that would decode wrongly. The tokenizer is embedded from a GGUF tokenizer
+(``smollm2`` or a ``.gguf``); RoPE needs no permutation (llama.cpp's normal RoPE is interleaved, like ours).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..model.transformer import Transformer
+
+
+def load_custom_ops() -> None:
+    """Register ExecuTorch's llama ops (update_cache, custom_sdpa) and quantized kernels (embedding_4bit)
+    with torch, for export and for eager runs of :class:`StaticCacheLM`."""
+    from executorch.exir.passes import _quant_patterns_and_replacements  # noqa: F401  (embedding_4bit.dtype)
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    from executorch.kernels import quantized  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------- static-cache module
+
+
+class PackedEmbedding(nn.Module):
+    """A 4-bit (two per byte) or 8-bit grouped embedding table read by ExecuTorch's quantized lookup
+    kernels, built from a torchao-quantized ``nn.Embedding`` (same integers, same scales: same values)."""
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bits: int):
+        super().__init__()
+        self.bits = bits
+        if bits == 4:
+            u = (qdata.to(torch.int16) + 8).to(torch.uint8).view(qdata.shape[0], -1, 2)
+            qdata = u[..., 0] * 16 + u[..., 1]
+        self.register_buffer("weight", qdata.contiguous())
+        self.register_buffer("scales", scale.float().contiguous())
+
+    @classmethod
+    def from_quantized(cls, emb: nn.Embedding) -> "PackedEmbedding":
+        w = emb.weight
+        bits = {torch.int4: 4, torch.int8: 8}[w.target_dtype]
+        zp = getattr(w, "zero_point", None)
+        if zp is not None and bool(zp.any()):
+            raise ValueError("PackedEmbedding expects symmetric quantization (zero points 0)")
+        return cls(w.qdata.detach(), w.scale.detach().reshape(w.qdata.shape[0], -1), bits)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4:
+            return torch.ops.quantized_decomposed.embedding_4bit.dtype(
+                self.weight, self.scales, None, -8, 7, ids, dtype=torch.float32)
+        return torch.ops.quantized_decomposed.embedding_byte.dtype(
+            self.weight, self.scales, None, -128, 127, ids, dtype=torch.float32)
+
+
+class StaticCacheLM(nn.Module):
+    """``model`` plus a static KV cache, exportable with ``torch.export`` (see the module docstring)."""
+
+    def __init__(self, model: Transformer, max_context: int, full_logits: bool = False):
+        super().__init__()
+        load_custom_ops()
+        cfg = model.cfg
+        if max_context > cfg.max_seq_len:
+            # The RoPE tables must cover the cache; the model's theta is kept (long_context_config changes it).
+            model.set_rope(max_seq_len=max_context)
+        self.model = model
+        self.max_context = max_context
+        self.full_logits = full_logits
+        shape = (1, max_context, cfg.n_kv_heads, cfg.head_dim)
+        self.n_apps = model.n_applications
+        for i in range(self.n_apps):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def reset(self) -> None:
+        for b in self.buffers():
+            if b.dim() == 4:
+                b.zero_()
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        b, s = tokens.shape
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + s <= self.max_context)
+        cos = m.rope_cos.narrow(0, start, s)[None, :, None]
+        sin = m.rope_sin.narrow(0, start, s)[None, :, None]
+        h = m.embed_tokens(tokens)
+        for app, li in enumerate(m.schedule):
+            blk = m.layers[li]
+            attn = blk.self_attn
+            k_cache, v_cache = getattr(self, f"k_cache_{app}"), getattr(self, f"v_cache_{app}")
+            q, k, v = attn.project(blk.input_layernorm(h), cos, sin)  # (B, S, heads, hd): the cache layout
+            torch.ops.llama.update_cache(k, k_cache, start)
+            torch.ops.llama.update_cache(v, v_cache, start)
+            o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
+            h = h + attn.o_proj(o.reshape(b, s, -1))
+            h = h + blk.feed_forward(blk.post_attention_layernorm(h))
+        if not self.full_logits:
+            h = h[:, -1:]
+        return m.logits(m.norm(h))
+
+
+def prepare_quantized_for_export(model: Transformer) -> Transformer:
+    """Swap a torchao-quantized embedding for :class:`PackedEmbedding` (ExecuTorch's lookup kernel; the
+    table is never dequantized whole). A no-op for a float embedding."""
+    if hasattr(model.embed_tokens.weight, "qdata"):
+        model.embed_tokens = PackedEmbedding.from_quantized(model.embed_tokens)
+    return model
+
+
+# ---------------------------------------------------------------------------------------- ExecuTorch
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def export_executorch(model: Transformer, out: str | Path, max_context: int, *, quantize: bool = True,
+                      group_size: int = 0, embedding_group_size: int = 32, embedding_bits: int = 4,
+                      prefill_chunk: int = 256, quantized: bool | None = None, source: str = "") -> dict[str, Any]:
+    """Write ``model`` as an XNNPACK-lowered ``.pte`` at ``out`` with a static KV cache of ``max_context``
+    positions. ``quantize`` applies the paper's 8da4w scheme first (in place on ``model``) unless the model
+    is already quantized (e.g. from :func:`~.quantize.load_quantized`). ``source`` (the checkpoint it came
+    from) is recorded so a benchmark of the file can find the fp32 model. Returns a summary (also written
+    next to the file as ``OUT.json``)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    from torch.export import Dim
+
+    from .quantize import quantize_model, quiet_torchao
+
+    quiet_torchao()
+    out = Path(out)
+    already = quantized if quantized is not None else hasattr(model.embed_tokens.weight, "qdata")
+    summary: dict[str, Any] = {"format": "executorch", "backend": "xnnpack", "max_context": max_context,
+                               "prefill_chunk": prefill_chunk, "model": _model_dict(model),
+                               "source": str(Path(source).absolute()) if source else ""}
+    if quantize and not already:
+        summary["quantization"] = quantize_model(model, group_size, embedding_group_size, embedding_bits)
+    elif already:
+        summary["quantization"] = {"scheme": "8da4w", "prequantized": True}
+    else:
+        summary["quantization"] = None
+    prepare_quantized_for_export(model)
+    lm = StaticCacheLM(model.eval(), max_context).eval()
+    chunk = min(prefill_chunk, max_context)
+    example = (torch.zeros(1, min(2, chunk), dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    dyn = ({1: Dim("seq", min=1, max=chunk)}, None) if chunk > 1 else None
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        ep = torch.export.export(lm, example, dynamic_shapes=dyn, strict=False)
+        cfg = model.cfg
+        constants = {"get_max_context_len": max_context, "get_max_seq_len": chunk, "get_vocab_size": cfg.vocab_size,
+                     "get_bos_id": cfg.bos_id, "get_eos_ids": list(cfg.eos_ids), "use_kv_cache": True}
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], constant_methods=constants,
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        prog = edge.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
+    _atomic_write_bytes(out, prog.write_to_file)
+    summary["bytes"] = out.stat().st_size
+    summary["fp32_bytes"] = 4 * cfg.param_count()
+    summary["size_ratio"] = summary["bytes"] / summary["fp32_bytes"]
+    _atomic_write_bytes(sidecar(out), lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    return summary
+
+
+def sidecar(pte: str | Path) -> Path:
+    pte = Path(pte)
+    return pte.with_name(pte.name + ".json")
+
+
+def _model_dict(model: Transformer) -> dict[str, Any]:
+    from ..config import to_dict
+
+    return to_dict(model.cfg)
+
+
+class PteRunner:
+    """A loaded ``.pte`` with its KV cache: ``step(tokens, pos)`` returns the last position's logits
+    ``(vocab,)``; ``prefill`` feeds a prompt in chunks."""
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        load_custom_ops()
+        from executorch.extension.pybindings import portable_lib
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such .pte file: {path}")
+        if threads:
+            portable_lib._unsafe_reset_threadpool(threads)
+        self.path = path
+        self.meta = json.loads(sidecar(path).read_text()) if sidecar(path).is_file() else {}
+        self.module = portable_lib._load_for_executorch(str(path))
+        self.max_context = int(self._const("get_max_context_len", self.meta.get("max_context", 0)))
+        self.chunk = int(self._const("get_max_seq_len", self.meta.get("prefill_chunk", 1)))
+
+    def _const(self, name: str, default: Any) -> Any:
+        try:
+            return self.module.run_method(name, [])[0]
+        except Exception:  # noqa: BLE001 - an older file without the constant method
+            return default
+
+    def step(self, tokens: list[int] | torch.Tensor, pos: int) -> torch.Tensor:
+        t = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
+        if pos + t.shape[1] > self.max_context:
+            raise ValueError(f"positions {pos}..{pos + t.shape[1]} exceed the exported context {self.max_context}")
+        out = self.module.forward((t, torch.tensor([pos], dtype=torch.long)))[0]
+        return out.reshape(-1, out.shape[-1])[-1]
+
+    def prefill(self, tokens: list[int], pos: int = 0) -> torch.Tensor:
+        logits = None
+        for i in range(0, len(tokens), self.chunk):
+            logits = self.step(tokens[i:i + self.chunk], pos + i)
+        return logits
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        logits = self.prefill(prompt)
+        out = []
+        for i in range(n):
+            t = int(logits.argmax())
+            out.append(t)
+            if i < n - 1:
+                logits = self.step([t], len(prompt) + i)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+
+
+def _gguf_tokenizer_fields(spec: str):
+    """``(key, value, type, sub_type)`` of the ``tokenizer.*`` metadata of a GGUF tokenizer spec."""
+    from gguf import GGUFReader, GGUFValueType
+
+    from ..assets import smollm2_gguf
+
+    path = smollm2_gguf() if spec == "smollm2" else Path(spec)
+    if not (path.is_file() and path.suffix == ".gguf"):
+        raise ValueError(f"GGUF export needs a GGUF tokenizer to embed ('smollm2' or a .gguf file); the "
+                         f"model's tokenizer is {spec!r}")
+    for name, f in GGUFReader(path).fields.items():
+        if name.startswith("tokenizer."):
+            sub = f.types[1] if f.types and f.types[0] == GGUFValueType.ARRAY and len(f.types) > 1 else None
+            yield name, f.contents(), f.types[0], sub
+
+
+def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype: str = "f32") -> dict[str, Any]:
+    """Write a llama-architecture GGUF (float32/float16 tensors) with the tokenizer of ``tokenizer_spec``
+    embedded. llama.cpp's normal RoPE rotates interleaved pairs like ours, so q/k rows are stored as they
+    are (see :mod:`mobilellm_r1.model.gguf`). Refuses QK-norm and weight-sharing models, naming why."""
+    import gguf
+
+    from ..model.gguf import gguf_name
+
+    cfg = model.cfg
+    if cfg.qk_norm:
+        raise ValueError("GGUF export: llama.cpp's 'llama' architecture has no QK-norm, and this model uses "
+                         "it (qk_norm = true); the file would decode wrongly. Use --format executorch or hf.")
+    if cfg.weight_sharing:
+        raise ValueError("GGUF export: weight sharing is not supported; export to hf (which unrolls it) instead")
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"GGUF export: dtype must be f32 or f16, not {dtype!r}")
+    tok_fields = list(_gguf_tokenizer_fields(tokenizer_spec))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    try:
+        w.add_name("mobilellm-r1")
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.dim)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(cfg.ffn_dim)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        for key, val, vtype, sub in tok_fields:
+            w.add_key_value(key, val, vtype, sub)
+        for name, p in model.named_parameters():
+            a = p.detach().float().cpu().numpy()
+            w.add_tensor(gguf_name(name), a if p.dim() == 1 or dtype == "f32" else a.astype("float16"))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"format": "gguf", "arch": "llama", "dtype": dtype, "bytes": out.stat().st_size,
+            "fp32_bytes": 4 * cfg.param_count()}
+
+
+__all__ = ["PackedEmbedding", "PteRunner", "StaticCacheLM", "export_executorch", "export_gguf",
+           "load_custom_ops", "prepare_quantized_for_export", "sidecar"]

@@ -1,0 +1,232 @@
+"""Deploy: 8da4w quantization, the static-cache export module, the XNNPACK .pte, GGUF, the benchmark.
+
+One quantized .pte of a 1-layer micro model is exported per session (lowering costs ~30 s even for one
+layer); the fp32 .pte and the CLI end to end are slow tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from mobilellm_r1.config import ConfigError, load_recipe, model_preset, recipe_from_dict
+from mobilellm_r1.model.transformer import Transformer
+
+pytest.importorskip("executorch")
+pytest.importorskip("torchao")
+warnings.filterwarnings("ignore")
+
+from mobilellm_r1.deploy import DeployConfig  # noqa: E402
+from mobilellm_r1.deploy.bench import kv_bytes_per_position, table, weight_bytes_per_token  # noqa: E402
+from mobilellm_r1.deploy.export import PteRunner, StaticCacheLM, export_executorch, export_gguf  # noqa: E402
+from mobilellm_r1.deploy.quantize import (GroupSizeError, auto_group_size, load_quantized, quantize_model,  # noqa: E402
+                                          save_quantized)
+
+
+def _micro(n_layers: int = 1, seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(model_preset("micro", vocab_size=512, n_layers=n_layers, **kw)).eval()
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+# ------------------------------------------------------------------------------------------ quantize
+
+
+def test_group_size_rule_follows_the_paper():
+    assert auto_group_size(model_preset("140m")) == 32  # 576 is not a multiple of 128
+    assert auto_group_size(model_preset("360m")) == 128
+    assert auto_group_size(model_preset("tiny")) == 128
+
+
+def test_group_size_that_does_not_divide_a_layer_names_it():
+    m = _micro(ffn_dim=320)  # down_proj's input 320 is not a multiple of 128
+    with pytest.raises(GroupSizeError, match=r"layers\.0\.feed_forward\.down_proj: input size 320"):
+        quantize_model(m, group_size=128)
+    with pytest.raises(GroupSizeError, match=r"embed_tokens: embedding width 128"):
+        quantize_model(_micro(), group_size=32, embedding_group_size=48)
+
+
+def test_quantize_quantizes_every_linear_and_the_embedding_and_stays_close(tmp_path):
+    m = _micro(n_layers=2)
+    x = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        ref = m(x)
+    s = quantize_model(m, group_size=32)
+    names = [n for n, p in m.named_parameters() if hasattr(p, "qdata")]
+    assert len(names) == 2 * 7 + 1 + 1 == s["linear_layers"] + 1  # 7 per block, the head, the embedding
+    assert "lm_head.weight" in names and "embed_tokens.weight" in names
+    assert m.layers[0].self_attn.q_proj.weight.scale.shape == (128, 128 // 32)
+    with torch.no_grad():
+        out = m(x)
+    assert 0.9 < _cos(out, ref) < 0.99999  # quantization changes the logits, but not much
+    assert s["quantized_bytes"] < 0.3 * s["fp32_bytes"]
+    save_quantized(tmp_path / "q", m, s)
+    m2, meta = load_quantized(tmp_path / "q")
+    assert meta["quantization"]["group_size"] == 32
+    with torch.no_grad():
+        assert torch.equal(m2(x), out)
+    from mobilellm_r1.model.gguf import load_any
+
+    m3, _ = load_any(tmp_path / "q")  # probe / eval load the fake-quant model like any checkpoint
+    with torch.no_grad():
+        assert torch.equal(m3(x), out)
+
+
+# ------------------------------------------------------------------------------------ static-cache module
+
+
+@pytest.mark.parametrize("sharing", [False, True])
+def test_static_cache_module_equals_transformer_forward(sharing):
+    m = _micro(n_layers=2, weight_sharing=sharing)
+    x = torch.randint(0, 512, (1, 30))
+    with torch.no_grad():
+        ref = m(x)
+        lm = StaticCacheLM(copy.deepcopy(m), 64, full_logits=True)
+        parts = [lm(x[:, :17], torch.tensor([0]))]
+        parts += [lm(x[:, i:i + 1], torch.tensor([i])) for i in range(17, 30)]
+    got = torch.cat(parts, dim=1)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ ExecuTorch
+
+
+@pytest.fixture(scope="module")
+def quantized_pte(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pte")
+    m = _micro()
+    fq = copy.deepcopy(m)
+    quantize_model(fq)
+    summary = export_executorch(copy.deepcopy(m), d / "m.pte", 48, quantize=True, prefill_chunk=16)
+    return d / "m.pte", m, fq, summary
+
+
+def test_quantized_pte_loads_and_matches_fake_quant_eager(quantized_pte):
+    pte, m, fq, summary = quantized_pte
+    assert summary["quantization"]["group_size"] == 128 and summary["bytes"] == pte.stat().st_size
+    assert json.loads((pte.parent / "m.pte.json").read_text())["max_context"] == 48
+    x = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, fp = fq(x)[0], m(x)[0]
+    r = PteRunner(pte)
+    assert (r.max_context, r.chunk) == (48, 16)
+    got = [r.prefill(x[0, :20].tolist())] + [r.step([int(x[0, i])], i) for i in range(20, 40)]
+    got = torch.stack(got)
+    want = ref[19:40]
+    # XNNPACK's int8 x int4 kernels vs torchao's reference dequant-then-matmul: same integers, different
+    # accumulation order and activation rounding at ties.
+    err = (got - want).abs().max().item()
+    assert err < 0.05 * want.abs().max().item(), err
+    assert _cos(got, want) > 0.999
+    assert _cos(got, fp[19:40]) < _cos(got, want)  # it is the quantized model, not the fp32 one
+    # a fresh decode after a reset position overwrites the cache
+    assert torch.allclose(r.prefill(x[0, :20].tolist()), got[0], atol=1e-5)
+    with pytest.raises(ValueError, match="exceed the exported context 48"):
+        r.step([1], 48)
+
+
+@pytest.mark.slow
+def test_fp32_pte_matches_eager(tmp_path):
+    m = _micro(n_layers=2)
+    export_executorch(copy.deepcopy(m), tmp_path / "f.pte", 32, quantize=False, prefill_chunk=8)
+    x = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        ref = m(x)[0]
+    r = PteRunner(tmp_path / "f.pte")
+    got = torch.stack([r.prefill(x[0, :10].tolist())] + [r.step([int(x[0, i])], i) for i in range(10, 20)])
+    torch.testing.assert_close(got, ref[9:20], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+
+@pytest.mark.slow  # reading SmolLM2's 49k-token vocabulary out of its GGUF takes ~15 s
+def test_gguf_round_trip_for_a_model_without_qk_norm(tmp_path):
+    from mobilellm_r1.model.gguf import load_gguf
+
+    torch.manual_seed(0)
+    m = Transformer(model_preset("micro", vocab_size=49152, qk_norm=False, n_layers=1)).eval()
+    export_gguf(m, tmp_path / "m.gguf", "smollm2")
+    m2, meta = load_gguf(tmp_path / "m.gguf")
+    assert m2.cfg.vocab_size == 49152 and not m2.cfg.qk_norm
+    x = torch.randint(0, 49152, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), m(x))
+    with pytest.raises(ValueError, match="no QK-norm"):
+        export_gguf(_micro(), tmp_path / "n.gguf", "smollm2")
+
+
+# ----------------------------------------------------------------------------------- config and bench
+
+
+def test_deploy_config_from_recipe_is_strict():
+    r = recipe_from_dict({"deploy": {"group_size": 32, "contexts": [256, 512]}})
+    c = r.section("deploy", DeployConfig)
+    assert c.group_size == 32 and c.contexts == [256, 512]
+    with pytest.raises(ConfigError, match="unknown key 'grup_size'"):
+        recipe_from_dict({"deploy": {"grup_size": 32}}).section("deploy", DeployConfig)
+    with pytest.raises(ConfigError, match="runtimes"):
+        DeployConfig(runtimes=["tensorrt"])
+    assert load_recipe("recipes/tiny.toml").section("deploy", DeployConfig).contexts
+
+
+def test_byte_accounting_for_the_140m_preset():
+    cfg = model_preset("140m")
+    assert kv_bytes_per_position(cfg) == 15 * 2 * 3 * 64 * 4
+    fp = weight_bytes_per_token(cfg, quantized=False)
+    assert abs(fp - 4 * cfg.param_count()) < 4 * cfg.dim * 2  # every weight once (tied head = embedding)
+    q = weight_bytes_per_token(cfg, quantized=True)
+    assert 0.15 < q / fp < 0.17  # 4 bits + an fp32 scale per 32 weights = 5/32 of fp32
+
+
+def test_bench_workers_measure_every_runtime(quantized_pte, tmp_path):
+    from mobilellm_r1.deploy.bench import bench
+    from mobilellm_r1.model.io import save_model
+
+    pte, m, _, _ = quantized_pte
+    save_model(tmp_path / "ckpt", m)
+    cfg = DeployConfig(contexts=[24, 48], new_tokens=8, threads=1, runtimes=["generator_fp32", "executorch_8da4w"])
+    res = bench(tmp_path / "ckpt", pte, cfg)  # eager_fp32 runs in the slow CLI test
+    assert set(res["runtimes"]) == {"generator_fp32", "executorch_8da4w"}
+    for rt, r in res["runtimes"].items():
+        assert [row["context"] for row in r["rows"]] == [24, 48]
+        for row in r["rows"]:
+            assert row["status"] == "ok", row
+            assert row["decode_tok_s"] > 0 and 0 < row["roofline_fraction"] and row["peak_rss_mb"] > 50
+    assert "| executorch_8da4w |" in res["table"] and "| runtime | 24 | 48 |" in res["table"]
+    big = bench(None, pte, DeployConfig(contexts=[64], new_tokens=8, runtimes=["executorch_8da4w"]))
+    assert big["runtimes"]["executorch_8da4w"]["rows"][0]["status"].startswith("error: context 64 exceeds")
+    oom = bench(tmp_path / "ckpt", None, DeployConfig(contexts=[32], new_tokens=8, memory_limit_gb=0.01,
+                                                      runtimes=["eager_fp32"]))
+    assert oom["runtimes"]["eager_fp32"]["rows"][0]["status"] == "OOM"
+    assert "OOM" in table(oom)
+
+
+@pytest.mark.slow
+def test_cli_quantize_export_bench(tmp_path):
+    from mobilellm_r1.model.io import save_model
+
+    save_model(tmp_path / "ckpt", _micro())
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mobilellm_r1", *a], capture_output=True,  # noqa: E731
+                                    text=True)
+    p = run("quantize", str(tmp_path / "ckpt"), "--out", str(tmp_path / "q"), "--group-size", "48", "--json")
+    assert p.returncode == 2 and "not divisible by group size 48" in p.stderr
+    p = run("quantize", str(tmp_path / "ckpt"), "--out", str(tmp_path / "q"), "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["group_size"] == 128
+    p = run("export", str(tmp_path / "q"), "--format", "executorch", "--out", str(tmp_path / "m.pte"),
+            "--max-context", "64", "--json")
+    assert p.returncode == 0, p.stderr
+    p = run("bench", str(tmp_path / "m.pte"), "--contexts", "32,64", "--new-tokens", "8", "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert set(res["runtimes"]) == {"eager_fp32", "generator_fp32", "executorch_8da4w"}
