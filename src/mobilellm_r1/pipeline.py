@@ -1,7 +1,7 @@
 """The stage graph of a recipe: `mobilellm-r1 run RECIPE` runs the whole MobileLLM-R1 pipeline.
 
 build corpus → tokenize → curate → influence mixing → pre-train P1 → P2 → mid-train P1 (KD) → co-evolve →
-mid-train P2 (KD) → general SFT → reasoning SFT → (GRPO) → evaluate → quantize → decode benchmark → report.
+mid-train P2 (KD) → general SFT → reasoning SFT → (GRPO) → evaluate → deploy (quantize, export, decode benchmark) → report.
 
 Every stage writes into ``<run>/<stage>/`` and, when it finishes, ``<run>/<stage>/stage.json``: the hash of
 what determines it (its config and its upstream stages' run ids), its outputs and its wall time. A stage
@@ -131,8 +131,9 @@ def plan(recipe: Recipe) -> list[Stage]:
         stages.append(Stage("evaluate", "evaluate", [n for n in dict.fromkeys([base, last]) if n],
                             {"eval": recipe.sections.get("eval", {}), "pipeline": to_dict(pc),
                              "base": base, "final": last}))
-        stages.append(Stage("quantize", "quantize", [last], {"deploy": recipe.sections.get("deploy", {})}))
-        stages.append(Stage("bench", "bench", ["quantize"], {"deploy": recipe.sections.get("deploy", {})}))
+        # quantize (8da4w) → perplexity ratio → ExecuTorch export → decode benchmark, one stage (deploy/stage.py)
+        stages.append(Stage("deploy", "deploy", ["tokenize", last], {"deploy": recipe.sections.get("deploy", {}),
+                                                                      "model": last}))
     keep = [s for s in stages if s.name not in pc.skip]
     kept = {s.name for s in keep}
     for s in keep:  # a skipped stage's dependants lose the edge, not the stage

@@ -145,6 +145,21 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
     return out
 
 
+@runner("deploy")
+def run_deploy_stage(ctx: Context) -> dict[str, Any]:
+    """Paper section 8: 8da4w quantization, its perplexity cost, the ExecuTorch export and Table 10."""
+    from .deploy.config import DeployConfig
+    from .deploy.stage import run_deploy
+
+    cfg = ctx.recipe.section("deploy", DeployConfig)
+    ckpt = ctx.output(ctx.stage.config["model"], "checkpoint")
+    res = run_deploy(ckpt, ctx.out, cfg, shards=ctx.output("tokenize", "dir"),
+                     heldout_fraction=ctx.recipe.data.heldout_fraction, log=lambda s: None)
+    return {"checkpoint": ckpt, "quantization": res.get("quantization"), "accuracy": res.get("accuracy"),
+            "export": res.get("export"), "bench": res.get("bench"),
+            "seconds": {k: res.get(k) for k in ("quantize_s", "export_s", "bench_s")}}
+
+
 @runner("report")
 def run_report(ctx: Context) -> dict[str, Any]:
     from .report import write_report

@@ -149,13 +149,20 @@ def write_report(run_dir: str | Path, recipe: Recipe, manifests: dict[str, dict[
                 f"mobilellm-r1 probe --model {run_dir}/STAGE/final --shards {run_dir}/shards --json")
 
     # --- on-device (Table 10 shape)
-    if "bench" in manifests:
-        b = manifests["bench"]["outputs"]
-        doc.h(2, "On-device decode (Table 10)")
-        if b.get("markdown"):
-            doc.md.append(b["markdown"] + "\n")
-            doc.html.append(f"<pre>{html.escape(b['markdown'])}</pre>")
-        doc.cmd("mobilellm-r1 bench CKPT_OR_EXPORT --contexts 1024,2048,4096 --json")
+    if "deploy" in manifests:
+        d = manifests["deploy"]["outputs"]
+        doc.h(2, "On-device: 8da4w quantization and decode throughput (Table 10)")
+        acc, ex = d.get("accuracy") or {}, d.get("export") or {}
+        doc.table(["perplexity fp32", "perplexity 8da4w", "ratio", ".pte MB", "size vs fp32"],
+                  [[(acc.get("fp32") or {}).get("ppl"), (acc.get("8da4w") or {}).get("ppl"), acc.get("ppl_ratio"),
+                    (ex.get("bytes") or 0) / 1e6 if ex.get("bytes") else None, ex.get("size_ratio")]])
+        table = (d.get("bench") or {}).get("table")
+        if table:
+            doc.md.append(table + "\n")
+            doc.html.append(f"<pre>{html.escape(table)}</pre>")
+        doc.cmd(f"mobilellm-r1 quantize CKPT --out DIR --json\n"
+                f"mobilellm-r1 export CKPT --format executorch --out model.pte\n"
+                f"mobilellm-r1 bench CKPT --contexts 256,512,1024 --json")
 
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     _atomic_write(md_path, "\n".join(doc.md))
