@@ -161,10 +161,26 @@ eval_limit = 2
 eval_max_new_tokens = 8
 eval_batch_size = 2
 probe_max_tokens = 500
+
+[curation]
+scorer = "smollm2"
+quality_threshold = 0.0
+quality_label_samples = 4
+askllm_keep_fraction = 0.5
+domain_keep_fraction = 0.5
+max_doc_tokens = 64
+max_samples_per_source = 4
+chunk_chars = 300
+dedup_clusters = 2
+
+[deploy]
+contexts = [64, 128]
+new_tokens = 4
+prefill_chunk = 32
+runtimes = ["generator_fp32", "executorch_8da4w"]
 """
 
-# Stages whose subsystems are not part of this test's graph yet.
-SKIP = ["curate", "deploy"]
+SKIP: list[str] = []
 
 
 def write_recipe(tmp: Path, corpus: Path, p1_steps: int = 3, skip: list[str] | None = None) -> Path:
@@ -196,7 +212,8 @@ def micro_run(tmp_path_factory):
 def test_micro_recipe_runs_every_stage(micro_run):
     recipe, out, res, secs = micro_run
     ran = [s["stage"] for s in res["stages"]]
-    assert ran == ["corpus", "tokenize", "pretrain_p1", "pretrain_p2", "midtrain_p1", "evaluate", "report"]
+    assert ran == ["corpus", "tokenize", "curate", "pretrain_p1", "pretrain_p2", "midtrain_p1", "evaluate", "deploy",
+                   "report"]
     assert all(s["status"] == "ran" for s in res["stages"])
     for name in ran:
         m = json.loads((out / name / "stage.json").read_text())
@@ -209,6 +226,12 @@ def test_micro_recipe_runs_every_stage(micro_run):
     ev = json.loads((out / "evaluate" / "stage.json").read_text())["outputs"]
     assert ev["tasks"]["base"]["humaneval"]["n"] == 2 and 0 <= ev["tasks"]["base"]["humaneval"]["pass@1"] <= 1
     assert ev["probe"]["base"]["overall"]["nll"] > 0 and ev["probe"]["base"]["rankme"] > 1
+    cur = json.loads((out / "curate" / "stage.json").read_text())["outputs"]
+    assert set(cur["probing"]) == {"code", "math", "knowledge"}
+    assert all(sum(1 for _ in open(f)) >= 1 for f in cur["probing"].values())
+    dep = json.loads((out / "deploy" / "stage.json").read_text())["outputs"]
+    assert dep["export"]["size_ratio"] < 0.5 and 0.5 < dep["accuracy"]["ppl_ratio"] < 2.0
+    assert (out / "deploy" / "model-8da4w.pte").is_file() and dep["bench"]["table"].count("|") > 10
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "pretrain_p1" in html and "humaneval" in html
     assert (out / "report_plots" / "losses.png").stat().st_size > 10_000
@@ -245,7 +268,8 @@ def test_unknown_stage_flags_fail_clearly(tmp_path):
 
 def test_kill_during_pretraining_resumes_from_checkpoint(tmp_path):
     corpus = micro_corpus(tmp_path / "corpus")
-    recipe = write_recipe(tmp_path, corpus, p1_steps=40, skip=SKIP + ["pretrain_p2", "midtrain_p1", "evaluate"])
+    recipe = write_recipe(tmp_path, corpus, p1_steps=40,
+                          skip=["curate", "pretrain_p2", "midtrain_p1", "evaluate", "deploy"])
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "mobilellm_r1", "run", str(recipe), "--out", str(out), "--json"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -296,6 +296,8 @@ def _run_rows(model, rows: Iterable[_Row], n_rows: int, *, batch_size: int, scor
 
     device = torch.device(device) if device is not None else _model_device(model)
     weight = model.head_weight
+    # The fused chunked head loss needs a plain weight; a torchao-quantized head is a tensor subclass.
+    dense = type(weight.data if isinstance(weight, torch.nn.Parameter) else weight) is torch.Tensor
     table = torch.as_tensor(byte_table, device=device) if byte_table is not None else None
     nll, tokens, nbytes = 0.0, 0, 0
     bar = None
@@ -322,9 +324,16 @@ def _run_rows(model, rows: Iterable[_Row], n_rows: int, *, batch_size: int, scor
         targets[~torch.from_numpy(keep).to(device)] = IGNORE
         h = model(inputs, doc_ids=doc[:, :-1] if doc is not None else None, return_hidden=True)
         if score:
-            parts = head_loss(h, weight, targets)
-            nll += float(parts.ce_sum.double())
-            tokens += int(parts.tokens)
+            if dense:
+                parts = head_loss(h, weight, targets)
+                ce_sum, n_tok = parts.ce_sum, parts.tokens
+            else:  # a quantized head (deploy/quantize.py): only its module knows how to multiply
+                logits = model.logits(h).float()
+                ce_sum = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                           ignore_index=IGNORE, reduction="sum")
+                n_tok = (targets != IGNORE).sum()
+            nll += float(ce_sum.double())
+            tokens += int(n_tok)
             if table is not None:
                 kept = targets[targets != IGNORE]
                 nbytes += int(table[kept].sum())
