@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "mobilellm_r1.data.cli",
     "mobilellm_r1.model.cli",
     "mobilellm_r1.train.cli",
+    "mobilellm_r1.posttrain.cli",
     "mobilellm_r1.eval.cli",
     "mobilellm_r1.eval.probe",
     "mobilellm_r1.demo",
