@@ -56,8 +56,13 @@ class SFTStats:
 
 
 def shared_data_dir() -> Path:
-    """``../shared/data`` beside the repository (benchmarks and data other tasks share)."""
-    return Path(__file__).resolve().parents[4].parent / "shared" / "data"
+    """``shared/data`` beside the repository or beside one of its parent folders (a worktree nests one
+    level deeper), the data several checkouts share (benchmarks, GSM8K train)."""
+    here = Path(__file__).resolve()
+    for anc in here.parents[3:]:
+        if (anc.parent / "shared" / "data").is_dir():
+            return anc.parent / "shared" / "data"
+    return here.parents[3].parent / "shared" / "data"
 
 
 def dataset_inputs(recipe: Recipe, name: str, run_dir: Path) -> list[str]:
