@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "mobilellm_r1.curation.cli",
     "mobilellm_r1.model.cli",
     "mobilellm_r1.train.cli",
+    "mobilellm_r1.posttrain.cli",
     "mobilellm_r1.eval.cli",
     "mobilellm_r1.eval.probe",
     "mobilellm_r1.deploy.cli",

@@ -142,6 +142,24 @@ class KDConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """GRPO (paper section 7.4): ``group_size`` generations per prompt, verifiable rewards, group-normalised
+    advantages, the clipped policy-ratio loss and a KL penalty ``kl_beta`` (0 in the paper) to a reference."""
+
+    prompts_per_step: int = 32
+    group_size: int = 8
+    max_new_tokens: int = 512
+    max_prompt_tokens: int = 512  # longer prompts are skipped and counted
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip_eps: float = 0.2
+    kl_beta: float = 0.0
+    reference: str = ""  # "" = none (needs kl_beta 0), "init" = the starting weights, or a model spec
+    updates_per_batch: int = 1  # optimizer steps on each batch of rollouts (>1 makes the ratio != 1)
+    reward: str = "math"  # math (answer graded by eval.grading.math) | code (tests in the sandbox)
+
+
+@dataclass
 class StageConfig:
     """One training stage (paper Table 2 for hyper-parameters, Tables 3-5 for data)."""
 
@@ -167,6 +185,14 @@ class StageConfig:
     mixture: dict[str, float] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
     kd: KDConfig | None = None
+    # SFT (Table 5 data): "auto" gives problem/solution rows the math system prompt and input/output rows
+    # the code one (as the official README evaluates); "none" adds none; other text is added to every
+    # conversation that has no system message.
+    system_prompt: str = "auto"
+    packing: bool = True  # pack conversations into seq_len rows (attention and positions reset per conversation)
+    max_samples: int = 0  # >0: use at most this many conversations per dataset (CPU-sized runs)
+    optional_datasets: list[str] = field(default_factory=list)  # used when their files exist, else reported
+    grpo: GRPOConfig | None = None
     # Packed sequences: restart positions and block attention at document boundaries.
     doc_mask: bool = False
     # Bookkeeping (not in the paper): how often to log, evaluate held-out loss, and checkpoint.

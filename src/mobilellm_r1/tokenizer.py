@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -72,6 +73,22 @@ LLAMA3_CHAT = ChatFormat(
 CHATML_CHAT = ChatFormat(header="<|im_start|>{role}\n", footer="<|im_end|>\n")
 
 
+def _markup_specials(text: str) -> list[str]:
+    """Special-token-looking strings (``<|...|>``) in chat markup."""
+    return re.findall(r"<\|[^|<>]+\|>", text)
+
+
+def chat_template_jinja(fmt: ChatFormat) -> str:
+    """A jinja ``chat_template`` (as HF tokenizers carry) rendering exactly what :meth:`Tokenizer.render_chat`
+    does for ``fmt``; HF ``apply_chat_template(..., tokenize=True)`` then gives the same ids (tested)."""
+    head_pre, _, head_post = fmt.header.partition("{role}")
+    q = lambda s: "'" + s.replace("\\", "\\\\").replace("\n", "\\n").replace("'", "\\'") + "'"
+    return ("{{ " + q(fmt.prefix) + " }}" if fmt.prefix else "") + \
+        "{% for message in messages %}{{ " + q(head_pre) + " + message['role'] + " + q(head_post) + \
+        " + message['content'] + " + q(fmt.footer) + " }}{% endfor %}" + \
+        "{% if add_generation_prompt %}{{ " + q(head_pre + "assistant" + head_post) + " }}{% endif %}"
+
+
 @dataclass
 class Tokenizer:
     """The interface every backend implements; see the module docstring for specs."""
@@ -115,31 +132,78 @@ class Tokenizer:
             out = [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
         return out
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token ``i`` stands for (a special token: its name's UTF-8)."""
+        raise NotImplementedError
+
+    def _split_markup(self, text: str) -> list[tuple[str, bool]]:
+        """Chat markup split into ``(piece, is_special_token)``."""
+        specials = sorted((s for s in _markup_specials(text) if self.token_to_id(s) is not None), key=len,
+                          reverse=True)
+        return [(p, p in specials) for p in _split_keep(text, specials) if p] if specials else [(text, False)]
+
     def render_chat(
         self, messages: Sequence[dict], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and a mask that is True on assistant tokens (content + turn end),
-        the tokens SFT trains on."""
+        the tokens SFT trains on.
+
+        The ids are those of the rendered text tokenized the way HF ``apply_chat_template`` does with the
+        exported jinja template (:func:`chat_template_jinja`): special tokens split the text, and each run
+        of text between two special tokens is encoded as one piece, so a header's trailing newline and the
+        content that follows merge exactly as they would there. A token is trained when its bytes overlap
+        an assistant message's content or turn-end markup. Special-token strings *inside* content stay
+        text (a user cannot inject control tokens), the one place where ids differ from HF's template."""
         if self.chat is None:
             raise ValueError(f"tokenizer {self.name!r} has no chat format")
-        ids: list[int] = []
-        mask: list[bool] = []
+        # (text, is_special, trained) pieces of the whole conversation
+        pieces: list[tuple[str, bool, bool]] = []
+
+        def markup(text: str, train: bool) -> None:
+            pieces.extend((p, sp, train) for p, sp in self._split_markup(text))
+
         if self.chat.prefix:
-            p = self._encode_with_specials(self.chat.prefix)
-            ids += p
-            mask += [False] * len(p)
+            markup(self.chat.prefix, False)
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
-            head = self._encode_with_specials(self.chat.header.format(role=m["role"]))
-            body = self._encode(str(m["content"])) + self._encode_with_specials(self.chat.footer)
             train = m["role"] == "assistant"
-            ids += head + body
-            mask += [False] * len(head) + [train] * len(body)
+            markup(self.chat.header.format(role=m["role"]), False)
+            pieces.append((str(m["content"]), False, train))
+            markup(self.chat.footer, train)
         if add_generation_prompt:
-            head = self._encode_with_specials(self.chat.header.format(role="assistant"))
-            ids += head
-            mask += [False] * len(head)
+            markup(self.chat.header.format(role="assistant"), False)
+        ids: list[int] = []
+        mask: list[bool] = []
+        run: list[tuple[str, bool]] = []  # consecutive text pieces, encoded together
+
+        def flush() -> None:
+            if not run:
+                return
+            toks = self._encode("".join(p for p, _ in run))
+            # trained byte intervals of the run
+            spans, pos = [], 0
+            for p, train in run:
+                n = len(p.encode("utf-8"))
+                if train and n:
+                    spans.append((pos, pos + n))
+                pos += n
+            pos = 0
+            for t in toks:
+                n = len(self.token_bytes(t))
+                ids.append(t)
+                mask.append(any(a < pos + n and pos < b for a, b in spans))
+                pos += n
+            run.clear()
+
+        for text, special, train in pieces:
+            if special:
+                flush()
+                ids.append(self.token_to_id(text))
+                mask.append(train)
+            else:
+                run.append((text, train))
+        flush()
         return ids, mask
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -191,6 +255,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
+
+    def token_bytes(self, i: int) -> bytes:
+        return self._enc.decode_single_token_bytes(int(i))
 
     def token_to_id(self, token: str) -> int | None:
         if token in self._specials:
@@ -250,6 +317,15 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def token_bytes(self, i: int) -> bytes:
+        piece = self._tok.id_to_token(int(i)) or ""
+        if piece in self._special_strings:
+            return piece.encode("utf-8")
+        table = _byte_decoder()
+        if all(c in table for c in piece):  # byte-level BPE: one character per byte
+            return bytes(table[c] for c in piece)
+        return self._tok.decode([int(i)], skip_special_tokens=False).encode("utf-8")
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -261,6 +337,24 @@ class HFTokenizer(Tokenizer):
             cached.sort(key=len, reverse=True)
             self._specials_cache = cached
         return cached
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level alphabet, character -> byte (the inverse of ``bytes_to_unicode``)."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = {chr(c): b for b, c in zip(bs, cs)}
+    assert set(table) == set(alphabet)
+    return table
 
 
 def _split_keep(text: str, seps: list[str]) -> Iterator[str]:
@@ -439,3 +533,42 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if p.exists():
         return hf_json_tokenizer(p)
     raise FileNotFoundError(f"unknown tokenizer {spec!r}: not 'llama3', 'smollm2', a .gguf file or a tokenizer.json")
+
+
+def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path) -> list[str]:
+    """Write ``tok`` as HF tokenizer files (``tokenizer.json`` + ``tokenizer_config.json`` with the jinja
+    ``chat_template`` of its chat format) so ``transformers.AutoTokenizer`` loads it and
+    ``apply_chat_template`` gives :meth:`Tokenizer.render_chat`'s ids. Returns the file names written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(tok, HFTokenizer):
+        backend = tok._tok
+    elif isinstance(tok, TiktokenTokenizer):
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        from .assets import llama3_tokenizer_model
+
+        specials = sorted(tok._specials, key=tok._specials.get)
+        backend = TikTokenConverter(vocab_file=str(llama3_tokenizer_model()), pattern=LLAMA3_PATTERN,
+                                    extra_special_tokens=specials).converted()
+    else:
+        raise ValueError(f"tokenizer {tok.name!r} cannot be written as HF files")
+    tmp = out_dir / "tokenizer.json.tmp"
+    backend.save(str(tmp))
+    os.replace(tmp, out_dir / "tokenizer.json")
+
+    def name(i: int) -> str:
+        piece = backend.id_to_token(i)
+        if piece is None:
+            raise ValueError(f"tokenizer {tok.name!r}: id {i} has no token")
+        return piece
+
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tok.bos_id),
+           "eos_token": name(tok.eos_ids[-1] if tok.chat is not None and tok.eos_ids else tok.eos_id),
+           "pad_token": name(tok.pad_id), "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids"]}
+    if tok.chat is not None:
+        cfg["chat_template"] = chat_template_jinja(tok.chat)
+    tmp = out_dir / "tokenizer_config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=1, ensure_ascii=False))
+    os.replace(tmp, out_dir / "tokenizer_config.json")
+    return ["tokenizer.json", "tokenizer_config.json"]

@@ -86,12 +86,14 @@ def generate(
     stop_strings: Sequence[str] | None = None,
     decode: Callable[[list[int]], str] | None = None,
     pad_id: int = 0,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids).
 
     ``stop_token_ids`` defaults to the model's ``eos_ids`` (pass ``[]`` to run to the length limit);
     ``stop_strings`` need ``decode`` (token ids → text), checked on each row's generated text.
     ``seed`` builds a ``torch.Generator`` (or pass ``generator``); sampling draws from it in batch order.
+    ``on_token(row, token)`` is called as each token is produced (streaming output).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -141,6 +143,8 @@ def generate(
             if done[i]:
                 continue
             out[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
             if t in stop_ids:
                 done[i], reasons[i] = True, "stop_token"
             elif stop_strings:

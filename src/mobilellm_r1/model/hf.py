@@ -31,7 +31,7 @@ import torch
 
 from ..config import MODEL_PRESETS, ModelConfig
 from .io import (CheckpointError, atomic_dir, check_tensors, expected_shapes, load_model, model_from_tensors,
-                 model_tensors, read_config_json, resolve_tokenizer_spec, save_model, write_json)
+                 model_tensors, read_config_json, read_meta, resolve_tokenizer_spec, save_model, write_json)
 from .transformer import Transformer
 
 # Files export writes itself; a tokenizer folder's copies of these are skipped.
@@ -323,6 +323,12 @@ def export_hf(src: Transformer | str | Path, out_dir: str | Path,
             for f in sorted(tok_dir.iterdir()):
                 if f.is_file() and f.name not in _OWN_FILES and (names is None or f.name in names):
                     shutil.copy2(f, tmp / f.name)
+        elif not isinstance(src, Transformer) and (spec := read_meta(src).get("tokenizer")):
+            # a built-in spec (llama3, smollm2, a .gguf): write HF files with the chat template, so
+            # AutoTokenizer + apply_chat_template reproduce our chat rendering
+            from ..tokenizer import load_tokenizer, save_hf_tokenizer
+
+            save_hf_tokenizer(load_tokenizer(spec), tmp)
     return out_dir
 
 

@@ -1,5 +1,8 @@
 """One training loop for every stage: pre-training, mid-training with knowledge distillation, SFT.
 
+SFT differs only in its batch source (:mod:`mobilellm_r1.posttrain.sft_data`): packed conversations with
+targets on assistant tokens only and document ids that reset attention and positions per conversation.
+
 A stage (``[stages.NAME]`` of a recipe, paper Table 2) says what to optimise and on which data; the
 :class:`TrainOptions` say where and how to run it (output folder, device, DDP/FSDP, compile, step cap).
 
@@ -178,13 +181,16 @@ def same_tokenizer(a: str, b: str) -> bool:
     return ta.vocab_size == tb.vocab_size and ta.encode(probe) == tb.encode(probe)
 
 
-def total_steps(stage: StageConfig, max_steps: int, world: int) -> tuple[int, int]:
-    """(optimizer steps the schedule spans, gradient-accumulation micro-batches per step)."""
+def total_steps(stage: StageConfig, max_steps: int, world: int, rows_per_epoch: int = 0) -> tuple[int, int]:
+    """(optimizer steps the schedule spans, gradient-accumulation micro-batches per step). SFT stages
+    count ``epochs`` over ``rows_per_epoch`` packed rows."""
     per_micro = stage.micro_batch_size * stage.seq_len * world
     accum = max(1, round(stage.global_batch_tokens / per_micro)) if stage.global_batch_tokens else 1
     steps = stage.steps
     if not steps and stage.tokens:
         steps = math.ceil(stage.tokens / (per_micro * accum))
+    if not steps and stage.epochs and rows_per_epoch:
+        steps = math.ceil(stage.epochs * rows_per_epoch / (stage.micro_batch_size * world * accum))
     steps = steps or max_steps
     if steps <= 0:
         raise ConfigError("the stage sets neither steps nor tokens: give it `steps` or pass --max-steps")
@@ -273,19 +279,22 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
     from ..data.shards import ShardSet
 
     stage = recipe.stage(stage_name)
-    if stage.kind not in ("pretrain", "midtrain"):
-        raise ConfigError(f"stage {stage_name!r} is a {stage.kind!r} stage; this loop's data path covers "
-                          "pretrain and midtrain stages (SFT and GRPO data come with `mobilellm-r1 sft` / `grpo`)")
+    if stage.kind == "grpo":
+        raise ConfigError(f"stage {stage_name!r} is a GRPO stage: run it with `mobilellm-r1 grpo`")
+    sft = stage.kind == "sft"  # same loop, conversations instead of the mixture sampler
     info = D.init_distributed(opts.device)
     dev = info.device
     out = Path(opts.out)
-    shards = ShardSet(_shards_dir(recipe, opts))
-    data_tok = shards.index["tokenizer"]
+    student, model_tok = build_student(recipe, stage_name, stage, opts, dev)
+    shards = None if sft else ShardSet(_shards_dir(recipe, opts))
+    data_tok = (model_tok or recipe.data.tokenizer) if sft else shards.index["tokenizer"]
 
     # --- everything that can be wrong with the inputs fails here, before any training ------------------
     kd_cache, teacher = None, None
     if stage.kd is not None and stage.kd.alpha > 0:
         if stage.kd.top_k > 0:
+            if shards is None:
+                raise ConfigError(f"[stages.{stage_name}.kd]: a top-k cache needs token shards; SFT distils online")
             kd_cache = KDCache(stage.kd.cache or Path(shards.root) / "kd", stage, data_tok)
         else:
             if not stage.kd.teacher:
@@ -297,13 +306,21 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
                                   f"stage's data is tokenized with {data_tok!r}: distillation needs the same ids")
             teacher.requires_grad_(False)
             teacher = teacher.to(dev).eval()
-    student, model_tok = build_student(recipe, stage_name, stage, opts, dev)
-    if shards.index["vocab_size"] > student.cfg.vocab_size:
-        raise ConfigError(f"the shards' tokenizer {data_tok!r} has {shards.index['vocab_size']} ids, more than the "
+    if sft:
+        from ..posttrain.sft_data import build_sft_batches
+        from ..tokenizer import load_tokenizer
+
+        data_vocab = load_tokenizer(data_tok).vocab_size
+        batches, sft_stats = build_sft_batches(recipe, stage, data_tok, out.parent, info.rank, info.world_size)
+    else:
+        data_vocab = shards.index["vocab_size"]
+    if data_vocab > student.cfg.vocab_size:
+        raise ConfigError(f"the data's tokenizer {data_tok!r} has {data_vocab} ids, more than the "
                           f"model's vocabulary {student.cfg.vocab_size}")
     if model_tok and model_tok != data_tok and not same_tokenizer(model_tok, data_tok):
         raise ConfigError(f"the model was trained with tokenizer {model_tok!r}, the data uses {data_tok!r}")
-    steps_total, accum = total_steps(stage, opts.max_steps, info.world_size)
+    steps_total, accum = total_steps(stage, opts.max_steps, info.world_size,
+                                     batches.rows_per_epoch if sft else 0)
     run_until = min(steps_total, opts.max_steps) if opts.max_steps else steps_total
     existing = ckpt.list_checkpoints(out)
     if existing and not opts.resume:
@@ -316,7 +333,8 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
                               split=split if recipe.data.heldout_fraction > 0 else "all",
                               heldout_fraction=recipe.data.heldout_fraction)
 
-    batches = MixtureBatches(sampler("train"), stage.micro_batch_size, stage.doc_mask, kd_cache)
+    if not sft:
+        batches = MixtureBatches(sampler("train"), stage.micro_batch_size, stage.doc_mask, kd_cache)
 
     # --- model, wrapping, optimizer --------------------------------------------------------------------
     core = StageModel(student, stage, teacher)
@@ -357,7 +375,7 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
             return model(*args, alpha=alpha)
 
     def heldout_loss() -> float | None:
-        if recipe.data.heldout_fraction <= 0 or stage.eval_batches <= 0:
+        if sft or recipe.data.heldout_fraction <= 0 or stage.eval_batches <= 0:
             return None
         ev = MixtureBatches(sampler("heldout"), stage.micro_batch_size, stage.doc_mask)
         sums = torch.zeros(2, dtype=torch.float64)
@@ -391,6 +409,8 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
                                "accum": accum, "world_size": info.world_size, "device": str(dev),
                                "step_tokens": step_tokens, "flops_per_token": fpt, "peak_flops": peak,
                                "peak_source": peak_src, "resumed_from": start_step if opts.resume else None}
+    if sft:  # what was read, kept and skipped (no assistant turn / longer than a row)
+        summary["sft_data"] = {**sft_stats.as_dict(), "rows": batches.rows_per_epoch, "packing": stage.packing}
     if start_step == 0:
         h0 = heldout_loss()
         summary["heldout_loss_initial"] = h0

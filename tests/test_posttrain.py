@@ -1,0 +1,292 @@
+"""Post-training: chat rendering and masks, SFT data formats, packing, the SFT stage, GRPO, chat CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobilellm_r1.config import ConfigError, StageConfig, recipe_from_dict
+from mobilellm_r1.posttrain.formats import row_messages
+from mobilellm_r1.posttrain.sft_data import SFTStats, micro_batch, pack, tokenize_conversations
+from mobilellm_r1.tokenizer import load_tokenizer, save_hf_tokenizer
+from mobilellm_r1.train.objectives import IGNORE
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+MATH_SYS = "Please reason step by step, and put your final answer within \\boxed{}."
+CONVO = [{"role": "system", "content": MATH_SYS},
+         {"role": "user", "content": "What is 6 x 7?\n\n  Show work."},
+         {"role": "assistant", "content": "6 x 7 = 42, café.\nThe final answer is $\\boxed{42}$."},
+         {"role": "user", "content": "And 2+2?"},
+         {"role": "assistant", "content": "\nIt is \\boxed{4}."}]  # leading newline merges with the header
+MICRO = {"preset": "micro", "vocab_size": 49152, "bos_id": 0, "eos_ids": [0, 2], "pad_id": 2}
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("spec", ["llama3", "smollm2"])
+def test_assistant_mask_is_exact(spec):
+    tok = load_tokenizer(spec)
+    ids, mask = tok.render_chat(CONVO)
+    # the tokens' bytes are exactly the rendered conversation
+    assert b"".join(tok.token_bytes(i) for i in ids).decode() == "".join(
+        tok.chat.prefix if k == 0 else "" for k in range(1)) + "".join(
+        tok.chat.header.format(role=m["role"]) + m["content"] + tok.chat.footer for m in CONVO)
+    # token by token: trained tokens are the assistant spans (content + turn end), nothing else
+    trained = [tok.token_bytes(i).decode("utf-8", "replace") for i, m in zip(ids, mask) if m]
+    first = CONVO[2]["content"] + tok.chat.footer
+    second = CONVO[4]["content"] + tok.chat.footer
+    text = "".join(trained)
+    if spec == "llama3":  # "\n\n" + "\n" are one token that straddles header and content: trained
+        assert text == first + "\n\n" + second
+    else:
+        assert text == first + second
+    untrained = "".join(tok.token_bytes(i).decode("utf-8", "replace") for i, m in zip(ids, mask) if not m)
+    assert "What is 6 x 7?" in untrained and MATH_SYS in untrained and "42" not in untrained
+    # labels after the shift: -100 exactly where the predicted token is not an assistant token
+    rows = pack([(np.array(ids), np.array(mask))], len(ids), tok.pad_id)
+    mb = micro_batch(rows, np.array([0]))
+    labels = mb.targets[0].tolist()
+    for t in range(len(ids) - 1):
+        assert labels[t] == (ids[t + 1] if mask[t + 1] else IGNORE)
+
+
+@pytest.mark.parametrize("spec", ["llama3", "smollm2"])
+def test_chat_template_parity_with_hf(spec, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(spec)
+    save_hf_tokenizer(tok, tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    for msgs in (CONVO, CONVO[1:4], [{"role": "user", "content": "hi"}]):
+        for gen in (False, True):
+            got = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+            got = got if isinstance(got, list) else got["input_ids"]
+            assert got == tok.render_chat(msgs, gen)[0]
+
+
+def test_hf_export_carries_the_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mobilellm_r1.config import model_preset
+    from mobilellm_r1.model.hf import export_hf
+    from mobilellm_r1.model.io import save_model
+    from mobilellm_r1.model.transformer import Transformer
+
+    m = Transformer(model_preset("micro", **{k: v for k, v in MICRO.items() if k != "preset"}))
+    save_model(tmp_path / "ck", m, tokenizer_spec="smollm2")
+    export_hf(tmp_path / "ck", tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ids = hf.apply_chat_template(CONVO, tokenize=True, add_generation_prompt=True)
+    ids = ids if isinstance(ids, list) else ids["input_ids"]
+    assert ids == load_tokenizer("smollm2").apply_chat_template(CONVO)
+
+
+def test_formats_are_detected_per_row():
+    m = row_messages({"problem": "1+1?", "generated_solution": "2 \\boxed{2}"}, "f:1")
+    assert [x["role"] for x in m] == ["system", "user", "assistant"] and m[0]["content"] == MATH_SYS
+    m = row_messages({"input": "Sum a b", "output": "```python\nprint(sum(map(int,input().split())))\n```"}, "f:2")
+    assert "python" in m[0]["content"] and m[2]["role"] == "assistant"
+    m = row_messages({"question": "q", "answer": "3 + 4 = <<3+4=7>>7 apples.\n#### 1,007"}, "f:3", "none")
+    assert m[1]["content"] == "3 + 4 = 7 apples.\nThe final answer is $\\boxed{1007}$."
+    m = row_messages({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "f:4")
+    assert len(m) == 2
+    with pytest.raises(ValueError, match=r"f:5: no SFT format matches this row \(fields: prompt, text\)"):
+        row_messages({"text": "x", "prompt": "y"}, "f:5")
+    with pytest.raises(ValueError, match=r"f:6: messages\[1\]"):
+        row_messages({"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}, "f:6")
+
+
+def _recipe(tmp_path, rows, stage_extra=None, name="s"):
+    f = tmp_path / "data.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage = {"kind": "sft", "steps": 2, "seq_len": 64, "micro_batch_size": 2, "lr": 1e-3, "datasets": ["d"],
+             "system_prompt": "none", **(stage_extra or {})}
+    return recipe_from_dict({"run": {"name": "t"}, "model": MICRO,
+                             "data": {"tokenizer": "smollm2", "sources": [{"name": "d", "paths": [str(f)]}]},
+                             "stages": {name: stage}}, str(tmp_path / "r.toml"))
+
+
+def _qa(i):
+    return {"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                         {"role": "assistant", "content": f"{i} + {i} = {2 * i}. \\boxed{{{2 * i}}}"}]}
+
+
+def test_bad_input_is_skipped_and_counted_or_named(tmp_path):
+    from mobilellm_r1.posttrain.sft_data import build_sft_batches
+
+    rows = [_qa(i) for i in range(6)] + [
+        {"messages": [{"role": "user", "content": "no reply"}]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "word " * 200}]}]
+    rec = _recipe(tmp_path, rows)
+    batches, stats = build_sft_batches(rec, rec.stage("s"), "smollm2", tmp_path)
+    d = stats.as_dict()
+    assert (d["rows_read"], d["conversations"], d["no_assistant"], d["too_long"], d["skipped"]) == (8, 6, 1, 1, 2)
+    assert any("data.jsonl:7" in e for e in d["examples"]) and any("data.jsonl:8" in e for e in d["examples"])
+    bad = _recipe(tmp_path, rows[:3] + [{"prompt": "p"}])
+    with pytest.raises(ConfigError, match=r"data.jsonl:4: no SFT format"):
+        build_sft_batches(bad, bad.stage("s"), "smollm2", tmp_path)
+
+
+def test_packed_training_equals_unpacked(tmp_path):
+    """Same model, same conversations, fp32: the loss (and the step it takes) match to 1e-5."""
+    from mobilellm_r1.config import model_preset
+    from mobilellm_r1.model.transformer import Transformer
+    from mobilellm_r1.train.loop import StageModel, make_optimizer
+
+    tok = load_tokenizer("smollm2")
+    convs = [(f"x:{i}", row_messages(_qa(i * 37), "x")) for i in range(7)]
+    docs = tokenize_conversations(convs, tok, 129, SFTStats())
+    packed, unpacked = pack(docs, 129, tok.pad_id, True), pack(docs, 129, tok.pad_id, False)
+    assert len(packed.tokens) < len(unpacked.tokens) == 7
+    stage = StageConfig(kind="sft", weight_decay=0.0, lr=1e-3)
+    torch.manual_seed(0)
+    base = Transformer(model_preset("micro", **{k: v for k, v in MICRO.items() if k != "preset"}))
+
+    def run(rows):
+        model = StageModel(copy.deepcopy(base), stage)
+        opt = make_optimizer(model, stage, torch.device("cpu"))
+        losses = []
+        for _ in range(2):
+            mbs = [micro_batch(rows, np.arange(i, min(i + 2, len(rows.tokens)))) for i in range(0, len(rows.tokens), 2)]
+            kept = sum(int((m.targets != IGNORE).sum()) for m in mbs)
+            total = 0.0
+            for m in mbs:
+                out = model(m.inputs, m.targets, m.doc_ids)
+                (out[0] / kept).backward()
+                total += float(out[0].detach()) / kept
+            losses.append(total)
+            opt.step()
+            opt.zero_grad()
+        return losses
+
+    lp, lu = run(packed), run(unpacked)
+    assert abs(lp[0] - lu[0]) <= 1e-5 and abs(lp[1] - lu[1]) <= 1e-5
+    assert lp[1] < lp[0]
+
+
+@pytest.mark.slow  # ~30 s idle, 90 s on a loaded 2-core machine
+def test_sft_cli_trains_and_reports(tmp_path):
+    rec_rows = [_qa(i) for i in range(20)] + [{"messages": [{"role": "user", "content": "hi"}]}]
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rec_rows))
+    toml = tmp_path / "r.toml"
+    toml.write_text(f"""
+[run]
+name = "t"
+[model]
+preset = "micro"
+vocab_size = 49152
+bos_id = 0
+eos_ids = [0, 2]
+pad_id = 2
+[data]
+tokenizer = "smollm2"
+[[data.sources]]
+name = "d"
+paths = ["{f}"]
+[stages.sft_x]
+kind = "sft"
+epochs = 2
+seq_len = 64
+micro_batch_size = 2
+lr = 1e-3
+warmup_ratio = 0.1
+rope_theta_scale = 8.0
+datasets = ["d"]
+optional_datasets = ["missing"]
+[[data.sources]]
+name = "missing"
+paths = ["nowhere/x.jsonl"]
+""")
+    r = subprocess.run([sys.executable, "-m", "mobilellm_r1", "sft", "--config", str(toml), "--out",
+                        str(tmp_path / "out" / "sft_x"), "--json"], capture_output=True, text=True, env=_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    d = res["sft_data"]
+    assert d["conversations"] == 20 and d["no_assistant"] == 1 and d["missing_optional"] == ["missing"]
+    assert res["steps"] == res["steps_total"] == -(-2 * d["rows"] // 2)  # 2 epochs of rows, 2 rows a step
+    cfg = json.loads((tmp_path / "out" / "sft_x" / "final" / "config.json").read_text())
+    assert cfg["model"]["rope_theta"] == 8 * 1_000_000.0
+    r = subprocess.run([sys.executable, "-m", "mobilellm_r1", "chat", str(tmp_path / "out" / "sft_x" / "final"),
+                        "--prompt", "What is 3 + 3?", "--max-new-tokens", "12", "--json"],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert 1 <= out["new_tokens"] <= 12 and isinstance(out["reply"], str)
+    bad = subprocess.run([sys.executable, "-m", "mobilellm_r1", "sft", "--config", str(toml), "--stage", "nope"],
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    assert bad.returncode == 2 and "no stage 'nope'" in bad.stderr
+
+
+def test_chat_one_shot_subprocess(tmp_path):
+    from mobilellm_r1.config import model_preset
+    from mobilellm_r1.model.io import save_model
+    from mobilellm_r1.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "ck", Transformer(model_preset("micro", **{k: v for k, v in MICRO.items() if k != "preset"})),
+               tokenizer_spec="smollm2")
+    r = subprocess.run([sys.executable, "-m", "mobilellm_r1", "chat", str(tmp_path / "ck"), "--prompt", "Hello?",
+                        "--max-new-tokens", "6", "--json"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["new_tokens"] == 6 and out["finish_reason"] == "length" and out["prompt_tokens"] > 3
+    r = subprocess.run([sys.executable, "-m", "mobilellm_r1", "chat", str(tmp_path / "ck"), "--prompt", "Hi",
+                        "--max-new-tokens", "4"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0 and r.stdout.strip()  # streamed text
+
+
+def test_group_advantages_and_clipped_loss():
+    from mobilellm_r1.posttrain.grpo import group_advantages, grpo_loss
+
+    a = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
+    assert torch.allclose(a[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3) and torch.all(a[1] == 0)
+    lp = [torch.tensor([0.0, 0.0], requires_grad=True)]
+    old = [torch.tensor([-1.0, 0.0])]  # ratio e on token 0: clipped at 1.2 for a positive advantage
+    loss, info = grpo_loss(lp, old, torch.tensor([1.0]), clip_eps=0.2)
+    assert loss.item() == pytest.approx(-(1.2 + 1.0) / 2) and info["clip_frac"] == 0.5
+    loss.backward()
+    assert lp[0].grad[0] == 0 and lp[0].grad[1] == pytest.approx(-0.5)
+
+
+@pytest.mark.slow  # ~60 s idle, 200 s on a loaded 2-core machine
+def test_grpo_raises_reward_on_a_toy_task(tmp_path):
+    """Fixed-digit task: after a short SFT the model answers \\boxed{d} with d roughly uniform; the reward
+    (our math grader against gold 7) is ~0.1 and GRPO must raise it."""
+    from mobilellm_r1.posttrain.grpo import GRPOOptions, train_grpo
+    from mobilellm_r1.train.loop import TrainOptions, train_stage
+
+    sft = tmp_path / "digits.jsonl"
+    sft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "Pick a digit."},
+                                                    {"role": "assistant", "content": f"\\boxed{{{i % 10}}}"}]}) + "\n"
+                           for i in range(100)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "Pick a digit."}], "answer": "7"}) + "\n")
+    rec = recipe_from_dict({
+        "run": {"name": "toy"}, "model": MICRO,
+        "data": {"tokenizer": "smollm2", "sources": [{"name": "digits", "paths": [str(sft)]},
+                                                     {"name": "prompts", "paths": [str(prompts)]}]},
+        "stages": {"sft": {"kind": "sft", "steps": 30, "seq_len": 64, "micro_batch_size": 16, "lr": 3e-3,
+                           "warmup_steps": 2, "weight_decay": 0.0, "datasets": ["digits"], "system_prompt": "none"},
+                   "grpo": {"kind": "grpo", "steps": 12, "seq_len": 64, "lr": 3e-3, "micro_batch_size": 32,
+                            "init_from": "sft", "schedule": "constant", "weight_decay": 0.0, "datasets": ["prompts"],
+                            "grpo": {"prompts_per_step": 4, "group_size": 8, "max_new_tokens": 10,
+                                     "max_prompt_tokens": 32}}}}, "toy")
+    train_stage(rec, "sft", TrainOptions(out=str(tmp_path / "sft"), progress=False))
+    res = train_grpo(rec, "grpo", GRPOOptions(out=str(tmp_path / "grpo"), progress=False))
+    r = res["reward_mean"]
+    assert np.mean(r[:4]) < 0.35 and np.mean(r[-4:]) > np.mean(r[:4]) + 0.25, r
+    logged = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in logged if "reward_mean" in x]
+    assert len(steps) == 12 and all("completion_len_mean" in x for x in steps)
