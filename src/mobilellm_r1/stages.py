@@ -82,6 +82,7 @@ def effective_recipe(ctx: Context):
 
 
 @runner("train")
+@runner("sft")
 def run_train(ctx: Context) -> dict[str, Any]:
     from .train.checkpoint import list_checkpoints
     from .train.loop import TrainOptions, train_stage
@@ -93,7 +94,20 @@ def run_train(ctx: Context) -> dict[str, Any]:
     keep = ("steps", "final_loss", "tokens_per_s", "mfu", "heldout_loss_initial", "heldout_loss_final",
             "checkpoint", "resumed_from")
     return {**{k: res.get(k) for k in keep}, "metrics": str(out / "metrics.jsonl"),
-            "mixture": effective_recipe(ctx).stages[ctx.stage.name].mixture}
+            "mixture": effective_recipe(ctx).stages[ctx.stage.name].mixture, "sft_data": res.get("sft_data")}
+
+
+@runner("grpo")
+def run_grpo(ctx: Context) -> dict[str, Any]:
+    """Section 7.4: GRPO with verifiable rewards (our math grader)."""
+    from .posttrain.grpo import GRPOOptions, train_grpo
+    from .train.checkpoint import list_checkpoints
+
+    out = _training_out(ctx, ctx.stage.name)
+    res = train_grpo(ctx.recipe, ctx.stage.name, GRPOOptions(out=str(out), resume=bool(list_checkpoints(out)),
+                                                             progress=ctx.progress))
+    return {k: res.get(k) for k in ("steps", "checkpoint", "reward_mean", "completion_len_mean")} | {
+        "metrics": str(out / "metrics.jsonl")}
 
 
 def _eval_model(ctx: Context, ckpt: str, style: str, tag: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
         step = rec.get("step")
         if not isinstance(step, int):
             continue
-        for key in ("loss", "heldout_loss", "mean_reward", "mean_completion_len"):
+        for key in ("loss", "heldout_loss", "reward_mean", "completion_len_mean"):
             v = rec.get(key)
             if isinstance(v, (int, float)):
                 out.setdefault(key, []).append((step, float(v)))
@@ -53,7 +53,7 @@ def plot_losses(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, (name, c) in zip(axes.flat, curves.items()):
-        for key, style in (("loss", "-"), ("heldout_loss", "o--"), ("mean_reward", "-")):
+        for key, style in (("loss", "-"), ("heldout_loss", "o--"), ("reward_mean", "-")):
             if key in c:
                 xs, ys = zip(*c[key])
                 ax.plot(xs, ys, style, label=key.replace("_", " "), markersize=4)
