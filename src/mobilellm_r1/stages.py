@@ -39,7 +39,11 @@ def run_tokenize(ctx: Context) -> dict[str, Any]:
 
     recipe = ctx.recipe
     out = ctx.run_dir / (recipe.data.shards_dir or "shards")  # where training stages look for them
-    inputs = source_inputs(recipe, Path(ctx.output("corpus", "dir")))
+    # Shards feed the mixture sampler: only sources some pre-/mid-training mixture draws from (SFT and GRPO
+    # read their datasets as conversations, from the corpus or ../shared).
+    mixed = {n for st in recipe.stages.values() if st.kind in ("pretrain", "midtrain") for n in st.mixture}
+    inputs = {n: p for n, p in source_inputs(recipe, Path(ctx.output("corpus", "dir"))).items()
+              if n in mixed or not mixed}
     have = read_index(out)["sources"] if (out / INDEX_FILE).is_file() else {}
     todo = {n: p for n, p in inputs.items() if n not in have or have[n]["inputs"] != p}
     if todo:
