@@ -420,7 +420,8 @@ class GradientFeaturizer:
                 p.requires_grad_(r)
 
     def _run(self, inputs: torch.Tensor, targets: torch.Tensor, sink: Callable[[str, Factor], None],
-             project: bool, head_dot: list[torch.Tensor] | None = None) -> torch.Tensor:
+             project: bool, head_dot: list[torch.Tensor] | None = None,
+             head_sum: torch.Tensor | None = None) -> torch.Tensor:
         """One forward + one backward of the summed per-sample losses; factors go to ``sink``. Returns the
         per-sample losses ``(B,)``. ``head_dot``: exact dots of the head part with these full matrices,
         returned through ``sink`` as Factor-free (see :meth:`dots`)."""
@@ -432,16 +433,17 @@ class GradientFeaturizer:
                 hidden = self.model(inputs, return_hidden=True)
                 if self._last_norm_input:
                     hidden = hidden.detach()
-                return self._our_head(hidden, targets, w, sink, project, head_dot)
+                return self._our_head(hidden, targets, w, sink, project, head_dot, head_sum)
             logits = self.model(input_ids=inputs).logits.float()
             ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
             per = (ce.view_as(w) * w).sum(1)
             per.sum().backward()
             return per.detach()
 
-    def _our_head(self, hidden, targets, w, sink, project, head_dot):
+    def _our_head(self, hidden, targets, w, sink, project, head_dot, head_sum=None):
         """The head of our model, chunked (as ``train/objectives.head_loss``): per-token CE, the head
-        weight's factors (out side = d loss / d logits, in side = final hidden), and d loss / d hidden."""
+        weight's factors (out side = d loss / d logits, in side = final hidden), and d loss / d hidden.
+        ``head_sum``: accumulate the batch's summed head gradient there instead (no factors kept)."""
         b, s, d = hidden.shape
         W = self.model.head_weight.detach()
         dt = _acc(W.dtype)
@@ -466,7 +468,9 @@ class GradientFeaturizer:
             if grad_h is not None:
                 grad_h[r] = (g @ W.to(dt)).to(h.dtype)
             if grp is not None:
-                if project:
+                if head_sum is not None:
+                    head_sum.addmm_(g.t(), h[r].to(dt))
+                elif project:
                     outs.append(grp.proj_out(g))
                 elif head_dot is not None:
                     for q, acc in zip(head_dot, dots):
@@ -474,7 +478,7 @@ class GradientFeaturizer:
                 else:
                     outs.append(g)
             del z, g
-        if grp is not None:
+        if grp is not None and head_sum is None:
             hin = h.to(dt).view(b, s, d)
             if head_dot is not None and not project:
                 sink(self.head_weight_name, _HeadDots([a.view(b, s).sum(1) for a in dots]))
@@ -540,8 +544,9 @@ class GradientFeaturizer:
             else:
                 total[n].index_add_(0, f.ids.reshape(-1), f.inp.reshape(-1, f.inp.shape[-1]))
 
+        head = total.get(self.head_weight_name) if self.head_weight_name else None
         for inputs, targets in batches:
-            self._run(inputs, targets, sink, project=False)
+            self._run(inputs, targets, sink, project=False, head_sum=head)
             count += inputs.shape[0]
         return {n: t / max(count, 1) for n, t in total.items()}
 
