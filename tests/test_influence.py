@@ -118,6 +118,7 @@ def test_hf_llama_generic_hooks(rows):
     assert "model.embed_tokens.weight" in GradientFeaturizer(hf).groups  # lm_head tied into the embedding
 
 
+@pytest.mark.slow
 def test_projection_tracks_exact_influence(rows):
     """8192-dim projected influence vs exact, rank correlation. Measured 0.82-0.93 over seeds on this
     vocabulary-dominated model (see features.allocate); asserted at 0.75, the mean over two seeds at 0.8."""

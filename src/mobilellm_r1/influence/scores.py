@@ -74,8 +74,6 @@ class InfluenceConfig:
     coevolve_lr: float = 3e-4
     coevolve_threshold: float = 0.3  # stop when the positive-influence share falls below this
     coevolve_max_phases: int = 3
-    # Figure 7: influence mixture vs uniform at the same token budget
-    compare_steps: int = 30
 
     def __post_init__(self) -> None:
         if self.preconditioner not in PRECONDITIONERS:
