@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "mobilellm_r1.eval.cli",
     "mobilellm_r1.eval.probe",
     "mobilellm_r1.deploy.cli",
+    "mobilellm_r1.influence.cli",
     "mobilellm_r1.demo",
 ]
 
