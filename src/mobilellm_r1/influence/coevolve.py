@@ -6,6 +6,9 @@ samples (Eq. 8), train the next phase on the retained set with those weights, an
 of positive-influence samples falls below ``coevolve_threshold`` or ``coevolve_max_phases`` is reached.
 Writes, per phase, the retained-set indices (source, window start) and a histogram of I_joint (the data of
 the paper's Figure 8).
+
+Scoring here is TracIn (identity preconditioner) or DataInf: the phases' lean optimizer state is not kept,
+so an ``adam`` setting falls back to the identity for co-evolution (recorded in the output).
 """
 
 from __future__ import annotations
@@ -41,8 +44,12 @@ def _retained_batches(samples, weights: dict[str, float], batch: int, seed: int)
 
 def coevolve(model, shards, sources: list[str], probes: dict[str, list[list[int]]], cfg: InfluenceConfig,
              progress: bool = False) -> dict[str, Any]:
+    import dataclasses
+
     phases = []
     t0 = time.perf_counter()
+    if cfg.preconditioner == "adam":
+        cfg = dataclasses.replace(cfg, preconditioner="identity")
     caps = list(probes)
     for phase in range(cfg.coevolve_max_phases):
         pool = shard_samples(shards, sources, cfg.coevolve_pool, cfg.seq_len, seed=cfg.seed + 1000 * (phase + 1))
@@ -75,5 +82,5 @@ def coevolve(model, shards, sources: list[str], probes: dict[str, list[list[int]
         if progress:
             print(f"coevolve phase {phase}: positive share {share:.3f}, retained {len(retained)}/{len(pool)}, "
                   f"weights {', '.join(f'{k}={v:.2f}' for k, v in w.items())}", flush=True)
-    return {"phases": phases, "seconds": time.perf_counter() - t0,
+    return {"phases": phases, "seconds": time.perf_counter() - t0, "preconditioner": cfg.preconditioner,
             "final_positive_share": phases[-1]["positive_share"] if phases else None}

@@ -62,9 +62,9 @@ def lean_train(model, batches: Iterator[torch.Tensor], steps: int, lr: float, we
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step is not None:
-            on_step(step + 1, float(loss))
+            on_step(step + 1, losses[-1])
     return losses
 
 
