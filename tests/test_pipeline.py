@@ -153,9 +153,27 @@ math = 0.4
 teacher = "smollm2"
 alpha = 1.0
 
+[stages.midtrain_p2]
+kind = "midtrain"
+steps = 2
+seq_len = 64
+micro_batch_size = 2
+global_batch_tokens = 128
+lr = 1e-3
+min_lr_ratio = 0.0
+init_from = "midtrain_p1"
+eval_batches = 1
+
+[stages.midtrain_p2.mixture]
+prose = 0.3
+code = 0.3
+math = 0.4
+
 [pipeline]
 corpus = "{corpus}"
 skip = {skip}
+influence_mixture_for = ["pretrain_p2"]
+coevolve_for = "midtrain_p2"
 eval_tasks = ["humaneval"]
 eval_limit = 2
 eval_max_new_tokens = 8
@@ -172,6 +190,20 @@ max_doc_tokens = 64
 max_samples_per_source = 4
 chunk_chars = 300
 dedup_clusters = 2
+
+[influence]
+probe_samples = 2
+train_samples = 2
+seq_len = 64
+batch_size = 4
+last_checkpoints = 2
+loo_steps = 2
+loo_batch = 2
+loo_eval_every = 1
+coevolve_pool = 2
+coevolve_steps = 1
+coevolve_threshold = 0.0
+coevolve_max_phases = 2
 
 [deploy]
 contexts = [64, 128]
@@ -212,14 +244,22 @@ def micro_run(tmp_path_factory):
 def test_micro_recipe_runs_every_stage(micro_run):
     recipe, out, res, secs = micro_run
     ran = [s["stage"] for s in res["stages"]]
-    assert ran == ["corpus", "tokenize", "curate", "pretrain_p1", "pretrain_p2", "midtrain_p1", "evaluate", "deploy",
-                   "report"]
+    assert ran == ["corpus", "tokenize", "curate", "pretrain_p1", "mix", "pretrain_p2", "midtrain_p1", "coevolve",
+                   "midtrain_p2", "evaluate", "deploy", "report"]
     assert all(s["status"] == "ran" for s in res["stages"])
     for name in ran:
         m = json.loads((out / name / "stage.json").read_text())
         assert m["status"] == "done" and m["stage"] == name and len(m["run_id"]) == 12
     assert (out / "shards" / "index.json").is_file()
-    for st in ("pretrain_p1", "pretrain_p2", "midtrain_p1"):
+    mix = json.loads((out / "mix" / "stage.json").read_text())["outputs"]
+    assert abs(sum(mix["weights"].values()) - 1) < 1e-9 and set(mix["weights"]) == {"prose", "code", "math"}
+    p2 = json.loads((out / "pretrain_p2" / "stage.json").read_text())["outputs"]
+    assert p2["mixture"] == mix["weights"]  # Eq. 6 weights drive the next stage
+    assert set(mix["loo"]["delta"]) == {"prose", "code", "math"} and (out / "mix" / "loo.json").is_file()
+    co = json.loads((out / "coevolve" / "stage.json").read_text())["outputs"]
+    assert co["histograms"] and sum(co["histograms"][0]["counts"]) == 6  # 2 windows x 3 sources
+    assert json.loads((out / "midtrain_p2" / "stage.json").read_text())["outputs"]["mixture"] == co["weights"]
+    for st in ("pretrain_p1", "pretrain_p2", "midtrain_p1", "midtrain_p2"):
         o = json.loads((out / st / "stage.json").read_text())["outputs"]
         assert (out / st / "final" / "model.safetensors").is_file() and o["steps"] >= 2
         assert o["heldout_loss_final"] > 0 and (st != "pretrain_p1" or o["heldout_loss_final"] < o["heldout_loss_initial"])
@@ -234,6 +274,7 @@ def test_micro_recipe_runs_every_stage(micro_run):
     assert (out / "deploy" / "model-8da4w.pte").is_file() and dep["bench"]["table"].count("|") > 10
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "pretrain_p1" in html and "humaneval" in html
+    assert "Leave-one-out" in html and "co-evolution" in html and "Table 10" in html
     assert (out / "report_plots" / "losses.png").stat().st_size > 10_000
 
 
@@ -269,7 +310,7 @@ def test_unknown_stage_flags_fail_clearly(tmp_path):
 def test_kill_during_pretraining_resumes_from_checkpoint(tmp_path):
     corpus = micro_corpus(tmp_path / "corpus")
     recipe = write_recipe(tmp_path, corpus, p1_steps=40,
-                          skip=["curate", "pretrain_p2", "midtrain_p1", "evaluate", "deploy"])
+                          skip=["curate", "mix", "pretrain_p2", "midtrain_p1", "coevolve", "midtrain_p2", "evaluate", "deploy"])
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "mobilellm_r1", "run", str(recipe), "--out", str(out), "--json"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

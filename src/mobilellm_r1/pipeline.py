@@ -39,7 +39,10 @@ class PipelineConfig:
     corpus: str = ""  # an existing corpus folder to use instead of building the embedded one
     # Training stages whose mixture the influence stage (Eq. 6) replaces; empty: the recipe's weights stay.
     influence_mixture_for: list[str] = field(default_factory=list)
-    # The mid-training stage that trains on the co-evolved retained set (Eq. 7-8); "" disables co-evolution.
+    # The stage whose checkpoints the influence stage scores; "" = the one the first of those stages starts from.
+    influence_from: str = ""
+    loo: bool = True  # run the Eq. 1 leave-one-out ablations in the influence stage
+    # The mid-training stage whose mixture co-evolution (Eq. 7-8) sets; "" disables co-evolution.
     coevolve_for: str = ""
     eval_tasks: list[str] = field(default_factory=lambda: ["gsm8k", "math500", "humaneval"])
     eval_limit: int = 0  # examples per task (0: all)
@@ -93,7 +96,7 @@ def plan(recipe: Recipe) -> list[Stage]:
     """The stages of ``recipe`` in the order they run (each after all of its deps)."""
     pc = recipe.section("pipeline", PipelineConfig)
     train_names = list(recipe.stages)
-    unknown = [n for n in pc.influence_mixture_for + ([pc.coevolve_for] if pc.coevolve_for else [])
+    unknown = [n for n in pc.influence_mixture_for + [x for x in (pc.coevolve_for, pc.influence_from) if x]
                if n not in recipe.stages]
     if unknown:
         raise ConfigError(f"[pipeline] names stage {unknown[0]!r}, which the recipe does not define "
@@ -102,12 +105,18 @@ def plan(recipe: Recipe) -> list[Stage]:
               Stage("tokenize", "tokenize", ["corpus"], {"data": to_dict(recipe.data)})]
     stages.append(Stage("curate", "curate", ["corpus"], {"curation": recipe.sections.get("curation", {}),
                                                           "sources": to_dict(recipe.data.sources)}))
-    if pc.influence_mixture_for:
-        stages.append(Stage("mix", "mix", ["tokenize", "curate"],
-                            {"influence": recipe.sections.get("influence", {}), "for": pc.influence_mixture_for}))
     prev = ""
     for name in train_names:
         st = recipe.stages[name]
+        if name in pc.influence_mixture_for and not any(s.name == "mix" for s in stages):
+            # Eq. 2-6 (+ the Eq. 1 LOO ablations): score the checkpoints of the stage this one starts from
+            src = pc.influence_from or (st.init_from if st.init_from in recipe.stages else prev)
+            if not src:
+                raise ConfigError(f"[pipeline] influence_mixture_for: stage {name!r} has no earlier stage whose "
+                                  "checkpoints could be scored (set influence_from)")
+            stages.append(Stage("mix", "mix", ["tokenize", "curate", src],
+                                {"influence": recipe.sections.get("influence", {}), "for": pc.influence_mixture_for,
+                                 "from": src, "loo": pc.loo}))
         deps = ["tokenize"]
         if st.init_from in recipe.stages:
             deps.append(st.init_from)

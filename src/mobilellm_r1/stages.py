@@ -70,6 +70,95 @@ def run_curate(ctx: Context) -> dict[str, Any]:
             "steps": summary.get("steps"), "sources": summary.get("sources")}
 
 
+def _influence_inputs(ctx: Context, sources: list[str]):
+    """The [influence] config, shards, probe token rows (from the curate stage) and tokenizer."""
+    from .data.shards import ShardSet
+    from .influence.scores import InfluenceConfig, load_probes
+    from .tokenizer import load_tokenizer
+
+    cfg = ctx.recipe.section("influence", InfluenceConfig)
+    tok = load_tokenizer(ctx.recipe.data.tokenizer)
+    probe_dir = Path(ctx.output("curate", "dir")) / "probing" if "curate" in ctx.upstream else Path(cfg.probes)
+    probes = load_probes(probe_dir, tok, cfg.capabilities, cfg.probe_samples, cfg.seq_len)
+    shards = ShardSet(ctx.output("tokenize", "dir"))
+    missing = [g for g in sources if g not in shards.sources]
+    if missing:
+        raise ConfigError(f"stage {ctx.stage.name!r}: source {missing[0]!r} has no shards")
+    return cfg, shards, probes
+
+
+def _target_sources(ctx: Context, stage: str) -> list[str]:
+    return list(ctx.recipe.stages[stage].mixture)
+
+
+@runner("mix")
+def run_mix(ctx: Context) -> dict[str, Any]:
+    """Eq. 2-6: influence of each source's samples on the C/M/K probe losses over the newest checkpoints of
+    the ``from`` stage, turned into mixture weights; plus the Eq. 1 leave-one-out ablations."""
+    import torch
+
+    from .influence.loo import run_loo
+    from .influence.mixing import mix
+    from .influence.scores import read_scores, resolve_checkpoints, score_checkpoints, shard_samples, write_scores
+    from .model.transformer import Transformer
+
+    target = ctx.stage.config["for"][0]
+    sources = _target_sources(ctx, target)
+    cfg, shards, probes = _influence_inputs(ctx, sources)
+    sources = cfg.sources or sources
+    ckpts = resolve_checkpoints([str(ctx.run_dir / ctx.stage.config["from"])], cfg.last_checkpoints)
+    samples = shard_samples(shards, sources, cfg.train_samples, cfg.seq_len, cfg.seed)
+    scores, used = score_checkpoints(ckpts, samples, probes, cfg, progress=ctx.progress)
+    write_scores(ctx.out / "scores", samples, scores, list(probes), cfg, {"checkpoints": used})
+    rows, _ = read_scores(ctx.out / "scores")
+    res = mix(rows, ctx.out / "mixture.toml", stage=target, floor=cfg.floor)
+    out: dict[str, Any] = {"weights": res["weights"], "rho": res["rho"], "clamped": res["clamped"],
+                           "checkpoints": [str(c) for c in ckpts], "samples": len(samples),
+                           "mixture_toml": str(ctx.out / "mixture.toml"), "capabilities": list(probes)}
+    if ctx.stage.config.get("loo", True):
+        torch.manual_seed(ctx.recipe.run.seed)
+        loo = run_loo(Transformer(ctx.recipe.model), shards, sources, probes, steps=cfg.loo_steps,
+                      batch=cfg.loo_batch, seq_len=cfg.seq_len, lr=cfg.loo_lr, eval_every=cfg.loo_eval_every,
+                      seed=ctx.recipe.run.seed, heldout_fraction=ctx.recipe.data.heldout_fraction,
+                      progress=ctx.progress)
+        from .pipeline import write_json_atomic
+
+        write_json_atomic(ctx.out / "loo.json", loo)
+        curves = {}  # Figure 6: probe NLL over training, normalised by its value at step 0
+        for run, r in loo["runs"].items():
+            steps = sorted(r["probe_nll"], key=int)
+            first = r["probe_nll"][steps[0]]
+            curves[run] = {c: [[int(st), r["probe_nll"][st][c] / first[c]] for st in steps] for c in probes}
+        out["loo"] = {"capabilities": list(probes), "delta": loo["delta_l_relative"], "curves": curves,
+                      "seconds": loo["seconds"], "file": str(ctx.out / "loo.json")}
+    return out
+
+
+@runner("coevolve")
+def run_coevolve(ctx: Context) -> dict[str, Any]:
+    """Eq. 7-8: score raw mid-training samples with the current model, keep the positive ones, re-weight,
+    train, repeat; the last phase's weights become the next mid-training stage's mixture."""
+    import torch
+
+    from .influence.coevolve import coevolve
+    from .model.gguf import load_any
+    from .pipeline import write_json_atomic
+
+    target = ctx.pipeline.coevolve_for
+    cfg0, _, _ = _influence_inputs(ctx, [])
+    sources = cfg0.coevolve_sources or _target_sources(ctx, target)
+    cfg, shards, probes = _influence_inputs(ctx, sources)
+    model, _ = load_any(ctx.output(ctx.stage.config["from"], "checkpoint"), dtype=torch.float32)
+    res = coevolve(model, shards, sources, probes, cfg, progress=ctx.progress)
+    write_json_atomic(ctx.out / "coevolve.json", res)
+    weighted = [ph for ph in res["phases"] if ph.get("weights")]
+    weights = weighted[-1]["weights"] if weighted else dict(ctx.recipe.stages[target].mixture)
+    return {"weights": weights, "file": str(ctx.out / "coevolve.json"),
+            "histograms": [ph["histogram"] for ph in res["phases"]],
+            "phases": [{"n": ph["pool"], "positive_share": ph["positive_share"]} for ph in res["phases"]],
+            "final_positive_share": res["final_positive_share"], "seconds": res["seconds"]}
+
+
 def effective_recipe(ctx: Context):
     """The recipe with the pipeline's data decisions applied to the current stage: the influence-derived
     mixture (Eq. 6) where ``[pipeline] influence_mixture_for`` names it, the co-evolved weights (Eq. 8)
