@@ -106,7 +106,7 @@ def plot_loo(curves: dict[str, dict[str, list[list[float]]]], path: Path) -> Pat
         ax.set_ylabel("normalised NLL")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Leave-one-out ablations")
+    fig.suptitle("Leave-one-out ablations", y=1.03)
     return _save(fig, path)
 
 
