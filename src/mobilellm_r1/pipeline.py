@@ -17,7 +17,6 @@ table (:class:`PipelineConfig`).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -120,8 +119,6 @@ def plan(recipe: Recipe) -> list[Stage]:
         deps = ["tokenize"]
         if st.init_from in recipe.stages:
             deps.append(st.init_from)
-        elif prev and not st.init_from:
-            pass  # a fresh model: no ordering needed beyond the data
         if name in pc.influence_mixture_for:
             deps.append("mix")
         if name == pc.coevolve_for:
@@ -172,11 +169,15 @@ def read_manifest(run_dir: Path, name: str) -> dict[str, Any] | None:
     return m if isinstance(m, dict) and m.get("status") == "done" else None
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 # ---------------------------------------------------------------------------------------------- run

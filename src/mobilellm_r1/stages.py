@@ -13,10 +13,6 @@ from .config import ConfigError
 from .pipeline import Context, runner
 
 
-def _training_out(ctx: Context, name: str) -> Path:
-    return ctx.run_dir / name
-
-
 @runner("corpus")
 def run_corpus(ctx: Context) -> dict[str, Any]:
     if ctx.pipeline.corpus:  # a corpus the user already has: one file or folder per source
@@ -97,7 +93,7 @@ def run_mix(ctx: Context) -> dict[str, Any]:
     the ``from`` stage, turned into mixture weights; plus the Eq. 1 leave-one-out ablations."""
     import torch
 
-    from .influence.loo import run_loo
+    from .influence.loo import run_loo, write_json
     from .influence.mixing import mix
     from .influence.scores import read_scores, resolve_checkpoints, score_checkpoints, shard_samples, write_scores
     from .model.transformer import Transformer
@@ -121,9 +117,7 @@ def run_mix(ctx: Context) -> dict[str, Any]:
                       batch=cfg.loo_batch, seq_len=cfg.seq_len, lr=cfg.loo_lr, eval_every=cfg.loo_eval_every,
                       seed=ctx.recipe.run.seed, heldout_fraction=ctx.recipe.data.heldout_fraction,
                       progress=ctx.progress)
-        from .pipeline import write_json_atomic
-
-        write_json_atomic(ctx.out / "loo.json", loo)
+        write_json(ctx.out / "loo.json", loo)
         curves = {}  # Figure 6: probe NLL over training, normalised by its value at step 0
         for run, r in loo["runs"].items():
             steps = sorted(r["probe_nll"], key=int)
@@ -141,16 +135,18 @@ def run_coevolve(ctx: Context) -> dict[str, Any]:
     import torch
 
     from .influence.coevolve import coevolve
+    from .influence.loo import write_json
     from .model.gguf import load_any
-    from .pipeline import write_json_atomic
+
+    from .influence.scores import InfluenceConfig
 
     target = ctx.pipeline.coevolve_for
-    cfg0, _, _ = _influence_inputs(ctx, [])
-    sources = cfg0.coevolve_sources or _target_sources(ctx, target)
+    sources = (ctx.recipe.section("influence", InfluenceConfig).coevolve_sources
+               or _target_sources(ctx, target))
     cfg, shards, probes = _influence_inputs(ctx, sources)
     model, _ = load_any(ctx.output(ctx.stage.config["from"], "checkpoint"), dtype=torch.float32)
     res = coevolve(model, shards, sources, probes, cfg, progress=ctx.progress)
-    write_json_atomic(ctx.out / "coevolve.json", res)
+    write_json(ctx.out / "coevolve.json", res)
     weighted = [ph for ph in res["phases"] if ph.get("weights")]
     weights = weighted[-1]["weights"] if weighted else dict(ctx.recipe.stages[target].mixture)
     return {"weights": weights, "file": str(ctx.out / "coevolve.json"),
@@ -180,14 +176,15 @@ def run_train(ctx: Context) -> dict[str, Any]:
     from .train.checkpoint import list_checkpoints
     from .train.loop import TrainOptions, train_stage
 
-    out = _training_out(ctx, ctx.stage.name)
+    out = ctx.out  # <run>/<stage>: where a later stage's init_from looks for <stage>/final
+    recipe = effective_recipe(ctx)
     opts = TrainOptions(out=str(out), shards=ctx.output("tokenize", "dir"), resume=bool(list_checkpoints(out)),
                         progress=ctx.progress)
-    res = train_stage(effective_recipe(ctx), ctx.stage.name, opts)
+    res = train_stage(recipe, ctx.stage.name, opts)
     keep = ("steps", "final_loss", "tokens_per_s", "mfu", "heldout_loss_initial", "heldout_loss_final",
             "checkpoint", "resumed_from")
     return {**{k: res.get(k) for k in keep}, "metrics": str(out / "metrics.jsonl"),
-            "mixture": effective_recipe(ctx).stages[ctx.stage.name].mixture, "sft_data": res.get("sft_data")}
+            "mixture": recipe.stages[ctx.stage.name].mixture, "sft_data": res.get("sft_data")}
 
 
 @runner("grpo")
@@ -196,7 +193,7 @@ def run_grpo(ctx: Context) -> dict[str, Any]:
     from .posttrain.grpo import GRPOOptions, train_grpo
     from .train.checkpoint import list_checkpoints
 
-    out = _training_out(ctx, ctx.stage.name)
+    out = ctx.out
     res = train_grpo(ctx.recipe, ctx.stage.name, GRPOOptions(out=str(out), resume=bool(list_checkpoints(out)),
                                                              progress=ctx.progress))
     return {k: res.get(k) for k in ("steps", "checkpoint", "reward_mean", "completion_len_mean")} | {

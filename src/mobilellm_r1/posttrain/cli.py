@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -26,22 +25,12 @@ def _stage(args: argparse.Namespace, kind: str):
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from ..cli import UserError, print_json
-    from ..model.io import CheckpointError
-    from ..train.distributed import shutdown
-    from ..train.loop import TrainOptions, train_stage
+    from ..cli import print_json
+    from ..train.cli import run_stage_from_args
 
     recipe, stage, out = _stage(args, "sft")
-    opts = TrainOptions(out=out, max_steps=args.max_steps, resume=args.resume, device=args.device, dtype=args.dtype,
-                        compile=args.compile, parallel=args.parallel, init=args.init or "",
-                        progress=not args.json and not args.quiet)
-    try:
-        res = train_stage(recipe, stage, opts)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
-    finally:
-        shutdown()
-    if int(os.environ.get("RANK", "0")) != 0:
+    res = run_stage_from_args(args, recipe, stage, out)  # SFT is the one training loop with another batch source
+    if res is None:
         return 0
     if args.json:
         print_json(res)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe
+from ..pipeline import write_text_atomic
 from .plots import plot_histograms, plot_loo, plot_losses, plot_mixtures, read_metrics
 
 
@@ -160,20 +161,15 @@ def write_report(run_dir: str | Path, recipe: Recipe, manifests: dict[str, dict[
         if table:
             doc.md.append(table + "\n")
             doc.html.append(f"<pre>{html.escape(table)}</pre>")
-        doc.cmd(f"mobilellm-r1 quantize CKPT --out DIR --json\n"
-                f"mobilellm-r1 export CKPT --format executorch --out model.pte\n"
-                f"mobilellm-r1 bench CKPT --contexts 256,512,1024 --json")
+        doc.cmd("mobilellm-r1 quantize CKPT --out DIR --json\n"
+                "mobilellm-r1 export CKPT --format executorch --out model.pte\n"
+                "mobilellm-r1 bench CKPT --contexts 256,512,1024 --json")
 
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    _atomic_write(md_path, "\n".join(doc.md))
+    write_text_atomic(md_path, "\n".join(doc.md))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(recipe.run.name)} report</title>"
             f"<style>{CSS}</style></head><body>{''.join(doc.html)}</body></html>")
-    _atomic_write(html_path, page)
+    write_text_atomic(html_path, page)
     return {"html": str(html_path), "md": str(md_path), "plots": sorted(str(p) for p in plots.glob("*.png"))}
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 

@@ -6,29 +6,38 @@ import argparse
 from pathlib import Path
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from ..cli import UserError, print_json
-    from ..config import load_recipe, resolve_recipe
+def run_stage_from_args(args: argparse.Namespace, recipe, stage: str, out: str) -> dict | None:
+    """Train ``stage`` with the command-line options shared by `train` and `sft`; the result on rank 0,
+    None on the other ranks of a torchrun job."""
+    import os
+
+    from ..cli import UserError
     from ..model.io import CheckpointError
     from .distributed import shutdown
     from .loop import TrainOptions, train_stage
 
-    recipe = load_recipe(resolve_recipe(args.config))
-    stage = args.stage or recipe.first_training_stage()
-    recipe.stage(stage)  # a stage that does not exist is an error naming the stages that do
-    out = args.out or str(Path("runs") / recipe.run.name / stage)
     opts = TrainOptions(out=out, max_steps=args.max_steps, resume=args.resume, device=args.device,
-                        dtype=args.dtype, compile=args.compile, parallel=args.parallel, shards=args.shards or "",
-                        init=args.init or "", progress=not args.json and not args.quiet)
+                        dtype=args.dtype, compile=args.compile, parallel=args.parallel,
+                        shards=getattr(args, "shards", "") or "", init=args.init or "",
+                        progress=not args.json and not args.quiet)
     try:
         res = train_stage(recipe, stage, opts)
     except CheckpointError as e:
         raise UserError(str(e)) from None
     finally:
         shutdown()
-    import os
+    return res if int(os.environ.get("RANK", "0")) == 0 else None
 
-    if int(os.environ.get("RANK", "0")) != 0:
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..cli import print_json
+    from ..config import load_recipe, resolve_recipe
+
+    recipe = load_recipe(resolve_recipe(args.config))
+    stage = args.stage or recipe.first_training_stage()
+    recipe.stage(stage)  # a stage that does not exist is an error naming the stages that do
+    res = run_stage_from_args(args, recipe, stage, args.out or str(Path("runs") / recipe.run.name / stage))
+    if res is None:
         return 0
     if args.json:
         print_json(res)
