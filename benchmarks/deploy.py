@@ -58,8 +58,7 @@ def main() -> None:
         model = Transformer(mcfg)
         save_model(os.path.join(d, "ckpt"), model)
         t = time.perf_counter()
-        exp = export_executorch(model, os.path.join(d, "model-8da4w.pte"), max(contexts),
-                                prefill_chunk=cfg.prefill_chunk, source=os.path.join(d, "ckpt"))
+        exp = export_executorch(model, os.path.join(d, "model-8da4w.pte"), max(contexts), source=os.path.join(d, "ckpt"))
         export_s = time.perf_counter() - t
         res = bench(os.path.join(d, "ckpt"), os.path.join(d, "model-8da4w.pte"), cfg)
     rows = {rt: r["rows"][0] for rt, r in res["runtimes"].items()}

@@ -75,12 +75,13 @@ def available_memory_bytes() -> int:
     return 1 << 40
 
 
-def predicted_peak_bytes(cfg: ModelConfig, context: int, runtime: str, prefill_chunk: int) -> int:
+def predicted_peak_bytes(cfg: ModelConfig, context: int, runtime: str) -> int:
     """A coarse upper estimate of a run's memory: weights (fp32 copies for eager), the KV cache, and the
-    prefill activations (attention works blockwise; MLP and head activations of the prefill length)."""
+    prefill activations (attention works blockwise; MLP and head activations of the prefill length; the
+    exported program prefills one token at a time)."""
     fp32_w = 4 * cfg.param_count()
     kv = context * kv_bytes_per_position(cfg)
-    rows = context if runtime != "executorch_8da4w" else prefill_chunk
+    rows = context if runtime != "executorch_8da4w" else 1
     acts = 4 * rows * (3 * cfg.ffn_dim + 6 * cfg.dim)
     return (fp32_w if runtime != "executorch_8da4w" else fp32_w // 3) + kv + acts + (512 << 20)
 
@@ -178,11 +179,11 @@ def _pte_runner(spec: dict[str, Any]):
             pos = len(prompt)
         else:
             pos = context - new
-            logits = r.step([prompt[-1]], pos - 1)
+            logits = r.step(prompt[-1], pos - 1)
         t1 = time.perf_counter()
         t = int(logits.argmax())
         for i in range(new - 1):
-            t = int(r.step([t], pos + i).argmax())
+            t = int(r.step(t, pos + i).argmax())
         t2 = time.perf_counter()
         return {"decode_tok_s": (new - 1) / (t2 - t1), "prefill_s": t1 - t0}
 
@@ -205,7 +206,7 @@ def _run_context(run, cfg: ModelConfig, spec: dict[str, Any], runtime: str, c: i
     import torch
 
     row: dict[str, Any] = {"runtime": runtime, "context": c}
-    if predicted_peak_bytes(cfg, c, runtime, spec["prefill_chunk"]) > spec["memory_limit"]:
+    if predicted_peak_bytes(cfg, c, runtime) > spec["memory_limit"]:
         row["status"] = OOM
         return row
     prompt = torch.randint(0, cfg.vocab_size, (c - spec["new_tokens"],), generator=g).tolist()
@@ -280,7 +281,7 @@ def run_worker(items: list[dict[str, Any]], cfg: DeployConfig, mcfg: ModelConfig
         for c in cfg.contexts:
             if rt == "executorch_8da4w" and max_context and c > max_context:
                 r[c] = {"context": c, "status": f"error: context {c} exceeds the exported context {max_context}"}
-            elif predicted_peak_bytes(mcfg, c, rt, cfg.prefill_chunk) > limit:
+            elif predicted_peak_bytes(mcfg, c, rt) > limit:
                 r[c] = {"context": c, "status": OOM}
         todo = [c for c in cfg.contexts if c not in r]
         if todo:
@@ -288,7 +289,7 @@ def run_worker(items: list[dict[str, Any]], cfg: DeployConfig, mcfg: ModelConfig
     if not todo_items:
         return {"bandwidth": None, "rows": rows}
     spec = {"runtimes": todo_items, "threads": cfg.threads, "new_tokens": cfg.new_tokens, "fill": cfg.fill,
-            "prefill_chunk": cfg.prefill_chunk, "memory_limit": limit}
+            "memory_limit": limit}
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "mobilellm_r1.deploy.bench", "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout)

@@ -16,9 +16,10 @@ position (``full_logits`` all of them).
 swapped for ExecuTorch's packed ``quantized_decomposed::embedding_4bit`` lookup), runs ``torch.export``
 with static shapes, lowers to XNNPACK with ``to_edge_transform_and_lower`` and writes the ``.pte``
 atomically, with the model shape stored as constant methods (``get_max_context_len`` ...) and a ``.json``
-sidecar. The program's ``forward`` takes one token (decode); with ``prefill_chunk > 1`` a second method
-``prefill`` takes exactly that many tokens and shares the cache buffers (``share_mutable_buffers``).
-:class:`PteRunner` loads a ``.pte`` and steps it.
+sidecar. The program's one method, ``forward``, takes one token at a given position: a prompt is
+prefilled token by token. (A dynamic length makes every reshape symbolic, which XNNPACK does not take; a
+second static-length ``prefill`` method sharing the cache costs a second lowering, and the Python runtime
+bindings here did not share its cache with ``forward``.) :class:`PteRunner` loads a ``.pte`` and steps it.
 
 GGUF
 ----
@@ -243,7 +244,7 @@ def xnnpack_partitioner():
 
 def export_executorch(model: Transformer, out: str | Path, max_context: int, *, quantize: bool = True,
                       group_size: int = 0, embedding_group_size: int = 32, embedding_bits: int = 4,
-                      prefill_chunk: int = 256, quantized: bool | None = None, source: str = "") -> dict[str, Any]:
+                      quantized: bool | None = None, source: str = "") -> dict[str, Any]:
     """Write ``model`` as an XNNPACK-lowered ``.pte`` at ``out`` with a static KV cache of ``max_context``
     positions. ``quantize`` applies the paper's 8da4w scheme first (in place on ``model``) unless the model
     is already quantized (e.g. from :func:`~.quantize.load_quantized`). ``source`` (the checkpoint it came
@@ -258,7 +259,7 @@ def export_executorch(model: Transformer, out: str | Path, max_context: int, *, 
     out = Path(out)
     already = quantized if quantized is not None else hasattr(model.embed_tokens.weight, "qdata")
     summary: dict[str, Any] = {"format": "executorch", "backend": "xnnpack", "max_context": max_context,
-                               "prefill_chunk": prefill_chunk, "model": _model_dict(model),
+                               "model": _model_dict(model),
                                "source": str(Path(source).absolute()) if source else ""}
     if quantize and not already:
         summary["quantization"] = quantize_model(model, group_size, embedding_group_size, embedding_bits)
@@ -268,33 +269,25 @@ def export_executorch(model: Transformer, out: str | Path, max_context: int, *, 
         summary["quantization"] = None
     prepare_quantized_for_export(model)
     lm = StaticCacheLM(model.eval(), max_context).eval()
-    chunk = max(1, min(prefill_chunk, max_context))
-    pos = torch.zeros(1, dtype=torch.long)
-    # Static shapes: with a dynamic length every reshape is symbolic, which XNNPACK does not take, and the
-    # graph falls apart into ~20 delegates per 2 blocks. A decode method of one token, plus (optionally) a
-    # prefill method of exactly ``chunk`` tokens sharing the same cache buffers.
-    lengths = {"forward": 1, **({"prefill": chunk} if chunk > 1 else {})}
     cfg = model.cfg
-    constants = {"get_max_context_len": max_context, "get_max_seq_len": chunk, "get_vocab_size": cfg.vocab_size,
+    constants = {"get_max_context_len": max_context, "get_max_seq_len": 1, "get_vocab_size": cfg.vocab_size,
                  "get_bos_id": cfg.bos_id, "get_eos_ids": list(cfg.eos_ids), "use_kv_cache": True}
     times: dict[str, float] = {}
     with torch.no_grad():
         t = time.perf_counter()
-        programs = {name: torch.export.export(lm, (torch.zeros(1, n, dtype=torch.long), pos), strict=False)
-                    for name, n in lengths.items()}
+        ep = torch.export.export(lm, (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
+                                 strict=False)
         times["torch_export"] = time.perf_counter() - t
         t = time.perf_counter()
-        edge = to_edge_transform_and_lower(programs, partitioner=[xnnpack_partitioner()], constant_methods=constants,
+        edge = to_edge_transform_and_lower(ep, partitioner=[xnnpack_partitioner()], constant_methods=constants,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
         times["lower"] = time.perf_counter() - t
         t = time.perf_counter()
         prog = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=len(lengths) > 1),
-            emit_mutable_buffer_names=len(lengths) > 1))
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
         times["to_executorch"] = time.perf_counter() - t
-    summary["methods"] = lengths
-    summary["delegates"] = {name: _count_delegates(edge.exported_program(name)) for name in lengths}
+    summary["delegates"] = _count_delegates(edge.exported_program())
     summary["export_seconds"] = times
     _atomic_write_bytes(out, prog.write_to_file)
     summary["bytes"] = out.stat().st_size
@@ -321,7 +314,7 @@ def _model_dict(model: Transformer) -> dict[str, Any]:
 
 class PteRunner:
     """A loaded ``.pte`` with its KV cache: ``step(token, pos)`` returns the next token's logits
-    ``(vocab,)``; ``prefill`` feeds a prompt (in ``prefill`` chunks when the program has that method)."""
+    ``(vocab,)``; ``prefill`` feeds a prompt."""
 
     def __init__(self, path: str | Path, threads: int = 0):
         load_runtime()
@@ -336,7 +329,6 @@ class PteRunner:
         self.meta = json.loads(sidecar(path).read_text()) if sidecar(path).is_file() else {}
         self.module = portable_lib._load_for_executorch(str(path))
         self.max_context = int(self._const("get_max_context_len", self.meta.get("max_context", 0)))
-        self.chunk = int(self._const("get_max_seq_len", 1)) if "prefill" in self.module.method_names() else 1
 
     def _const(self, name: str, default: Any) -> Any:
         try:
@@ -344,28 +336,21 @@ class PteRunner:
         except Exception:  # noqa: BLE001 - an older file without the constant method
             return default
 
-    def _run(self, method: str, tokens: list[int] | torch.Tensor, pos: int) -> torch.Tensor:
-        t = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
-        if pos + t.shape[1] > self.max_context:
-            raise ValueError(f"positions {pos}..{pos + t.shape[1]} exceed the exported context {self.max_context}")
-        out = self.module.run_method(method, (t, torch.tensor([pos], dtype=torch.long)))[0]
-        return out.reshape(-1, out.shape[-1])[-1]
-
     def step(self, token: int | list[int], pos: int) -> torch.Tensor:
         """Decode one token at ``pos``: the logits ``(vocab,)`` of the next."""
         tokens = [token] if isinstance(token, int) else list(token)
         if len(tokens) != 1:
             raise ValueError(f"step decodes one token, got {len(tokens)}: use prefill for a prompt")
-        return self._run("forward", tokens, pos)
+        if pos + 1 > self.max_context:
+            raise ValueError(f"position {pos} exceeds the exported context {self.max_context}")
+        out = self.module.forward((torch.tensor([tokens], dtype=torch.long), torch.tensor([pos], dtype=torch.long)))[0]
+        return out.reshape(-1)
 
     def prefill(self, tokens: list[int], pos: int = 0) -> torch.Tensor:
-        """Write ``tokens`` at ``pos..``: whole chunks through ``prefill``, the rest one token at a time."""
-        logits, i = None, 0
-        while i < len(tokens):
-            if self.chunk > 1 and len(tokens) - i >= self.chunk:
-                logits, i = self._run("prefill", tokens[i:i + self.chunk], pos + i), i + self.chunk
-            else:
-                logits, i = self.step(tokens[i], pos + i), i + 1
+        """Write ``tokens`` at ``pos..`` one at a time; the logits after the last."""
+        logits = None
+        for i, t in enumerate(tokens):
+            logits = self.step(t, pos + i)
         return logits
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
@@ -375,7 +360,7 @@ class PteRunner:
             t = int(logits.argmax())
             out.append(t)
             if i < n - 1:
-                logits = self.step([t], len(prompt) + i)
+                logits = self.step(t, len(prompt) + i)
         return out
 
 
