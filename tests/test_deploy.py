@@ -208,7 +208,8 @@ def test_bench_workers_measure_every_runtime(quantized_pte, tmp_path):
     fp32_mb = 4 * m.cfg.param_count() / 2**20
     assert all(v >= 0.9 * fp32_mb for v in mem["generator_fp32"]), (mem, fp32_mb)  # the fp32 weights are resident
     assert max(mem["executorch_8da4w"]) < 0.6 * min(mem["generator_fp32"]), mem  # 4-bit weights
-    assert mem["executorch_8da4w"][1] >= mem["executorch_8da4w"][0] - 0.5, mem  # static cache: the same or more
+    # the .pte's cache is static (max_context positions, allocated at load): its memory does not grow with context
+    assert abs(mem["executorch_8da4w"][1] - mem["executorch_8da4w"][0]) < 3, mem
     assert "| executorch_8da4w |" in res["table"] and "| runtime | 24 | 48 |" in res["table"]
     big = bench(None, pte, DeployConfig(contexts=[64], new_tokens=8, runtimes=["executorch_8da4w"]))
     assert big["runtimes"]["executorch_8da4w"]["rows"][0]["status"].startswith("error: context 64 exceeds")

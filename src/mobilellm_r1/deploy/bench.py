@@ -8,10 +8,13 @@ Rows (runtimes): ``eager_fp32`` (``Transformer.forward`` with our KV cache, weig
 random token ids, or with ``fill = "synthetic"`` a zero cache: decode cost does not depend on the cached
 values) and times ``new_tokens`` greedy decode steps.
 
-Each runtime runs in its own worker process (``python -m mobilellm_r1.deploy.bench --worker``): thread
-pools of two runtimes in one process interfere, and a process's peak RSS is then that runtime's peak
-memory. Contexts run in increasing order, so the peak RSS after a context is that context's peak. A
-context whose predicted memory exceeds the limit, or that fails to allocate, is reported ``"OOM"``.
+Runtimes run in worker processes (``python -m mobilellm_r1.deploy.bench --worker``), one for the two
+torch runtimes and one for ExecuTorch (their thread pools interfere in one process), each importing its
+libraries once for all its contexts. Memory is what a run needs: a runtime is loaded after the imports
+(RSS then is its ``baseline_rss_mb``), and each (runtime, context) cell reports the peak RSS of the load
+or of its own context run (``VmHWM``, reset per cell) over that baseline as ``mem_mb``, the absolute peak
+as ``peak_rss_mb``. A context whose predicted memory exceeds the limit, or that fails to allocate, is
+reported ``"OOM"``.
 
 Roofline: decoding one token reads every weight once (the head included; of the embedding only one row)
 plus the KV cache of the whole context, so ``tokens/s <= bandwidth / bytes_per_token``, with the
