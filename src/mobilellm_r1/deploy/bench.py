@@ -50,7 +50,8 @@ def kv_bytes_per_position(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
 
 def weight_bytes_per_token(cfg: ModelConfig, quantized: bool, group_size: int = 0) -> int:
     """Weight bytes one decode step reads: every linear and the head once, norms, one embedding row.
-    ``quantized``: int4 weights (half a byte) plus one fp32 scale per group (8da4w as exported)."""
+    ``quantized``: as the XNNPACK ``.pte`` stores 8da4w: int4 weights (half a byte) plus one bf16 scale per
+    group (XNNPACK converts per-group scales to bf16); the 4-bit embedding row has fp32 scales per 32."""
     from .quantize import resolve_group_size
 
     d, hd = cfg.dim, cfg.head_dim
@@ -61,7 +62,7 @@ def weight_bytes_per_token(cfg: ModelConfig, quantized: bool, group_size: int = 
     if not quantized:
         return 4 * sum(i * o for i, o in linears) + norms + 4 * d
     gs = resolve_group_size(cfg, group_size)
-    return sum(i * o // 2 + 4 * (i // gs) * o for i, o in linears) + norms + d  # embedding row: 4-bit
+    return sum(i * o // 2 + 2 * (i // gs) * o for i, o in linears) + norms + d // 2 + 4 * (d // 32)
 
 
 def bytes_per_token(cfg: ModelConfig, context: int, quantized: bool, group_size: int = 0) -> int:

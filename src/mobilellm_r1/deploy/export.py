@@ -268,6 +268,9 @@ def export_executorch(model: Transformer, out: str | Path, max_context: int, *, 
     else:
         summary["quantization"] = None
     prepare_quantized_for_export(model)
+    # a checkpoint loaded with ``assign=True`` keeps ``requires_grad`` on its (integer) quantized tensors,
+    # which ExecuTorch's unwrapping of tensor subclasses cannot turn back into parameters
+    model.requires_grad_(False)
     lm = StaticCacheLM(model.eval(), max_context).eval()
     cfg = model.cfg
     constants = {"get_max_context_len": max_context, "get_max_seq_len": 1, "get_vocab_size": cfg.vocab_size,
