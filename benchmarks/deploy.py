@@ -71,6 +71,7 @@ def main() -> None:
         "roofline_fraction": q["roofline_fraction"],
         "size_ratio": exp["size_ratio"],
         "pte_bytes": exp["bytes"], "fp32_bytes": exp["fp32_bytes"], "export_s": export_s,
+        "export_phases_s": exp["export_seconds"], "delegates": exp["delegates"],
         "context": contexts[0], "bandwidth_GBps": (res["bandwidth"] or 0) / 1e9,
         "table": res["table"], "results": res,
     }
