@@ -58,8 +58,7 @@ def main() -> None:
         model = Transformer(mcfg)
         save_model(os.path.join(d, "ckpt"), model)
         t = time.perf_counter()
-        exp = export_executorch(model, os.path.join(d, "model-8da4w.pte"), max(contexts),
-                                prefill_chunk=cfg.prefill_chunk, source=os.path.join(d, "ckpt"))
+        exp = export_executorch(model, os.path.join(d, "model-8da4w.pte"), max(contexts), source=os.path.join(d, "ckpt"))
         export_s = time.perf_counter() - t
         res = bench(os.path.join(d, "ckpt"), os.path.join(d, "model-8da4w.pte"), cfg)
     rows = {rt: r["rows"][0] for rt, r in res["runtimes"].items()}
@@ -72,6 +71,7 @@ def main() -> None:
         "roofline_fraction": q["roofline_fraction"],
         "size_ratio": exp["size_ratio"],
         "pte_bytes": exp["bytes"], "fp32_bytes": exp["fp32_bytes"], "export_s": export_s,
+        "export_phases_s": exp["export_seconds"], "delegates": exp["delegates"],
         "context": contexts[0], "bandwidth_GBps": (res["bandwidth"] or 0) / 1e9,
         "table": res["table"], "results": res,
     }

@@ -208,7 +208,6 @@ coevolve_max_phases = 2
 [deploy]
 contexts = [64, 128]
 new_tokens = 4
-prefill_chunk = 32
 runtimes = ["generator_fp32", "executorch_8da4w"]
 """
 

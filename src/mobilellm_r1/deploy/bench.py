@@ -8,10 +8,13 @@ Rows (runtimes): ``eager_fp32`` (``Transformer.forward`` with our KV cache, weig
 random token ids, or with ``fill = "synthetic"`` a zero cache: decode cost does not depend on the cached
 values) and times ``new_tokens`` greedy decode steps.
 
-Each runtime runs in its own worker process (``python -m mobilellm_r1.deploy.bench --worker``): thread
-pools of two runtimes in one process interfere, and a process's peak RSS is then that runtime's peak
-memory. Contexts run in increasing order, so the peak RSS after a context is that context's peak. A
-context whose predicted memory exceeds the limit, or that fails to allocate, is reported ``"OOM"``.
+Runtimes run in worker processes (``python -m mobilellm_r1.deploy.bench --worker``), one for the two
+torch runtimes and one for ExecuTorch (their thread pools interfere in one process), each importing its
+libraries once for all its contexts. Memory is what a run needs: a runtime is loaded after the imports
+(RSS then is its ``baseline_rss_mb``), and each (runtime, context) cell reports the peak RSS of the load
+or of its own context run (``VmHWM``, reset per cell) over that baseline as ``mem_mb``, the absolute peak
+as ``peak_rss_mb``. A context whose predicted memory exceeds the limit, or that fails to allocate, is
+reported ``"OOM"``.
 
 Roofline: decoding one token reads every weight once (the head included; of the embedding only one row)
 plus the KV cache of the whole context, so ``tokens/s <= bandwidth / bytes_per_token``, with the
@@ -23,11 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,8 @@ def kv_bytes_per_position(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
 
 def weight_bytes_per_token(cfg: ModelConfig, quantized: bool, group_size: int = 0) -> int:
     """Weight bytes one decode step reads: every linear and the head once, norms, one embedding row.
-    ``quantized``: int4 weights (half a byte) plus one fp32 scale per group (8da4w as exported)."""
+    ``quantized``: as the XNNPACK ``.pte`` stores 8da4w: int4 weights (half a byte) plus one bf16 scale per
+    group (XNNPACK converts per-group scales to bf16); the 4-bit embedding row has fp32 scales per 32."""
     from .quantize import resolve_group_size
 
     d, hd = cfg.dim, cfg.head_dim
@@ -59,7 +62,7 @@ def weight_bytes_per_token(cfg: ModelConfig, quantized: bool, group_size: int = 
     if not quantized:
         return 4 * sum(i * o for i, o in linears) + norms + 4 * d
     gs = resolve_group_size(cfg, group_size)
-    return sum(i * o // 2 + 4 * (i // gs) * o for i, o in linears) + norms + d  # embedding row: 4-bit
+    return sum(i * o // 2 + 2 * (i // gs) * o for i, o in linears) + norms + d // 2 + 4 * (d // 32)
 
 
 def bytes_per_token(cfg: ModelConfig, context: int, quantized: bool, group_size: int = 0) -> int:
@@ -76,12 +79,13 @@ def available_memory_bytes() -> int:
     return 1 << 40
 
 
-def predicted_peak_bytes(cfg: ModelConfig, context: int, runtime: str, prefill_chunk: int) -> int:
+def predicted_peak_bytes(cfg: ModelConfig, context: int, runtime: str) -> int:
     """A coarse upper estimate of a run's memory: weights (fp32 copies for eager), the KV cache, and the
-    prefill activations (attention works blockwise; MLP and head activations of the prefill length)."""
+    prefill activations (attention works blockwise; MLP and head activations of the prefill length; the
+    exported program prefills one token at a time)."""
     fp32_w = 4 * cfg.param_count()
     kv = context * kv_bytes_per_position(cfg)
-    rows = context if runtime != "executorch_8da4w" else prefill_chunk
+    rows = context if runtime != "executorch_8da4w" else 1
     acts = 4 * rows * (3 * cfg.ffn_dim + 6 * cfg.dim)
     return (fp32_w if runtime != "executorch_8da4w" else fp32_w // 3) + kv + acts + (512 << 20)
 
@@ -103,8 +107,26 @@ def measure_bandwidth(threads: int, mb: int = 256) -> float:
     return x.numel() * 4 / best
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window: ``VmHWM`` drops to the current RSS (Linux >= 4.0). ``ru_maxrss`` is
+    no use here: it survives ``exec``, so a worker started by a large process inherits its parent's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb() -> tuple[float, float]:
+    """``(current, peak since the last reset)`` resident memory of this process, in MB."""
+    return _status_kb("VmRSS") / 1024, _status_kb("VmHWM") / 1024
 
 
 def _torch_runner(spec: dict[str, Any]):
@@ -161,62 +183,116 @@ def _pte_runner(spec: dict[str, Any]):
             pos = len(prompt)
         else:
             pos = context - new
-            logits = r.step([prompt[-1]], pos - 1)
+            logits = r.step(prompt[-1], pos - 1)
         t1 = time.perf_counter()
         t = int(logits.argmax())
         for i in range(new - 1):
-            t = int(r.step([t], pos + i).argmax())
+            t = int(r.step(t, pos + i).argmax())
         t2 = time.perf_counter()
         return {"decode_tok_s": (new - 1) / (t2 - t1), "prefill_s": t1 - t0}
 
     return run, build(ModelConfig, r.meta["model"], f"{spec['model']}.json:model")
 
 
+def _trim() -> None:
+    """Hand freed heap memory back to the OS, so a new peak window starts from what is really in use."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_context(run, cfg: ModelConfig, spec: dict[str, Any], runtime: str, c: int, g) -> dict[str, Any]:
+    import torch
+
+    row: dict[str, Any] = {"runtime": runtime, "context": c}
+    if predicted_peak_bytes(cfg, c, runtime) > spec["memory_limit"]:
+        row["status"] = OOM
+        return row
+    prompt = torch.randint(0, cfg.vocab_size, (c - spec["new_tokens"],), generator=g).tolist()
+    try:
+        row.update(run(c, spec["new_tokens"], spec["fill"], prompt))
+        row["status"] = "ok"
+    except (MemoryError, torch.OutOfMemoryError):
+        row["status"] = OOM
+    except (RuntimeError, ValueError) as e:
+        row["status"] = OOM if "alloc" in str(e).lower() or "memory" in str(e).lower() else f"error: {e}"
+    return row
+
+
 def worker(spec: dict[str, Any]) -> None:
-    """Run one runtime over the contexts, printing one JSON line per context (and one for bandwidth)."""
+    """Run runtimes of one kind (torch or ExecuTorch) over their contexts, printing one JSON line per
+    (runtime, context) cell, and one for the bandwidth.
+
+    Memory (Table 10's row): each runtime is loaded after its libraries are imported and the previous
+    runtime is freed; the baseline is the RSS just before its load, and a cell's ``mem_mb`` is the peak
+    RSS of its load or of its own context run (``VmHWM``, reset before each) over that baseline: what the
+    model run needs, not the interpreter and libraries (``baseline_rss_mb``), nor a parent's peak."""
     import torch
 
     torch.set_num_threads(spec["threads"])
+    pte = spec["runtimes"][0]["runtime"] == "executorch_8da4w"
+    if pte:
+        from .export import load_runtime
+
+        load_runtime()
+    else:
+        from ..model.generate import generate  # noqa: F401  (imports before the baseline)
+        from ..model.gguf import load_any  # noqa: F401
     print(json.dumps({"bandwidth": measure_bandwidth(spec["threads"])}), flush=True)
-    run, cfg = (_pte_runner if spec["runtime"] == "executorch_8da4w" else _torch_runner)(spec)
-    g = torch.Generator().manual_seed(0)
-    limit = spec["memory_limit"]
-    for c in sorted(spec["contexts"]):
-        row: dict[str, Any] = {"context": c}
-        if predicted_peak_bytes(cfg, c, spec["runtime"], spec["prefill_chunk"]) > limit:
-            row["status"] = OOM
-        else:
-            prompt = torch.randint(0, cfg.vocab_size, (c - spec["new_tokens"],), generator=g).tolist()
-            try:
-                row.update(run(c, spec["new_tokens"], spec["fill"], prompt))
-                row["status"] = "ok"
-            except (MemoryError, torch.OutOfMemoryError):
-                row["status"] = OOM
-            except (RuntimeError, ValueError) as e:
-                row["status"] = OOM if "alloc" in str(e).lower() or "memory" in str(e).lower() else f"error: {e}"
-        row["peak_rss_mb"] = _peak_rss_mb()
-        print(json.dumps(row), flush=True)
+    for item in spec["runtimes"]:
+        rt = item["runtime"]
+        _trim()
+        base, _ = rss_mb()
+        resettable = reset_peak_rss()
+        run, cfg = (_pte_runner if pte else _torch_runner)({**spec, **item})
+        load_peak = rss_mb()[1]
+        g = torch.Generator().manual_seed(0)
+        for c in sorted(item["contexts"]):
+            _trim()
+            reset_peak_rss()
+            row = _run_context(run, cfg, spec, rt, c, g)
+            peak = max(rss_mb()[1], load_peak)
+            row.update(baseline_rss_mb=base, peak_rss_mb=peak, mem_mb=peak - base, peak_reset=resettable)
+            print(json.dumps(row), flush=True)
+        del run
 
 
 # ------------------------------------------------------------------------------------------- driver
 
 
-def run_worker(runtime: str, model: str, cfg: DeployConfig, contexts: list[int], mcfg: ModelConfig,
-               max_context: int = 0, timeout: float = 3600) -> dict:
-    """One worker process for ``runtime`` over the contexts that can run; contexts predicted above the
-    memory limit are "OOM" and contexts beyond an export's static cache are errors without a process."""
+def _worker_groups(runtimes: list[str]) -> list[list[str]]:
+    """The torch runtimes share one worker (one import of torch and our model code); ExecuTorch gets its
+    own: its thread pool and torch's interfere when timing."""
+    torch_rts = [r for r in runtimes if r != "executorch_8da4w"]
+    return [g for g in (torch_rts, [r for r in runtimes if r == "executorch_8da4w"]) if g]
+
+
+def run_worker(items: list[dict[str, Any]], cfg: DeployConfig, mcfg: ModelConfig, max_context: int = 0,
+               timeout: float = 3600) -> dict:
+    """One worker process for ``items`` (``{"runtime", "model"}`` of one kind) over the contexts that can
+    run; contexts predicted above the memory limit are "OOM" and contexts beyond an export's static cache
+    are errors, without a process. Returns ``{"bandwidth", "rows": {runtime: {context: row}}}``."""
     limit = int(cfg.memory_limit_gb * (1 << 30)) or available_memory_bytes()
-    rows: dict[int, dict[str, Any]] = {}
-    for c in contexts:
-        if max_context and c > max_context:
-            rows[c] = {"context": c, "status": f"error: context {c} exceeds the exported context {max_context}"}
-        elif predicted_peak_bytes(mcfg, c, runtime, cfg.prefill_chunk) > limit:
-            rows[c] = {"context": c, "status": OOM}
-    todo = [c for c in contexts if c not in rows]
-    if not todo:
+    rows: dict[str, dict[int, dict[str, Any]]] = {it["runtime"]: {} for it in items}
+    todo_items = []
+    for it in items:
+        rt, r = it["runtime"], rows[it["runtime"]]
+        for c in cfg.contexts:
+            if rt == "executorch_8da4w" and max_context and c > max_context:
+                r[c] = {"context": c, "status": f"error: context {c} exceeds the exported context {max_context}"}
+            elif predicted_peak_bytes(mcfg, c, rt) > limit:
+                r[c] = {"context": c, "status": OOM}
+        todo = [c for c in cfg.contexts if c not in r]
+        if todo:
+            todo_items.append({**it, "contexts": todo})
+    if not todo_items:
         return {"bandwidth": None, "rows": rows}
-    spec = {"runtime": runtime, "model": str(model), "contexts": todo, "threads": cfg.threads,
-            "new_tokens": cfg.new_tokens, "fill": cfg.fill, "prefill_chunk": cfg.prefill_chunk,
+    spec = {"runtimes": todo_items, "threads": cfg.threads, "new_tokens": cfg.new_tokens, "fill": cfg.fill,
             "memory_limit": limit}
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "mobilellm_r1.deploy.bench", "--worker", json.dumps(spec)],
@@ -228,10 +304,12 @@ def run_worker(runtime: str, model: str, cfg: DeployConfig, contexts: list[int],
             if "bandwidth" in d:
                 bw = d["bandwidth"]
             else:
-                rows[d["context"]] = d
-    for c in todo:  # killed (e.g. by the kernel's OOM killer) before reaching these
-        rows.setdefault(c, {"context": c, "status": OOM if proc.returncode in (-9, 137) else
-                            f"worker failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"})
+                rows[d.pop("runtime")][d["context"]] = d
+    for it in todo_items:  # killed (e.g. by the kernel's OOM killer) before reaching these
+        for c in it["contexts"]:
+            rows[it["runtime"]].setdefault(c, {"context": c, "status": OOM if proc.returncode in (-9, 137) else
+                                               f"worker failed (rc {proc.returncode}): "
+                                               f"{proc.stderr.strip().splitlines()[-1:]}"})
     return {"bandwidth": bw, "rows": rows}
 
 
@@ -260,24 +338,28 @@ def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfi
     results: dict[str, Any] = {"contexts": contexts, "threads": cfg.threads, "new_tokens": cfg.new_tokens,
                                "fill": cfg.fill, "runtimes": {}, "config": asdict(cfg)}
     bws = []
-    for rt in cfg.runtimes:
-        src = pte if rt == "executorch_8da4w" else model_dir
-        if src is None:
+    cfg = replace(cfg, contexts=contexts)
+    for group in _worker_groups(list(cfg.runtimes)):
+        items = [{"runtime": rt, "model": str(pte if rt == "executorch_8da4w" else model_dir)} for rt in group
+                 if (pte if rt == "executorch_8da4w" else model_dir) is not None]
+        if not items:
             continue
-        r = run_worker(rt, str(src), cfg, contexts, mcfg, max_context if rt == "executorch_8da4w" else 0)
+        r = run_worker(items, cfg, mcfg, max_context)
         if r["bandwidth"]:
             bws.append(r["bandwidth"])
-        quant = rt == "executorch_8da4w"
-        wb = weight_bytes_per_token(mcfg, quant, q_group)
-        for c, row in r["rows"].items():
-            row["weight_bytes_per_token"] = wb
-            row["kv_bytes_per_token"] = c * kv_bytes_per_position(mcfg)
-            row["bytes_per_token"] = wb + row["kv_bytes_per_token"]
-            if row.get("status") == "ok" and r["bandwidth"]:
-                roof = r["bandwidth"] / row["bytes_per_token"]
-                row["roofline_tok_s"] = roof
-                row["roofline_fraction"] = row["decode_tok_s"] / roof
-        results["runtimes"][rt] = {"bandwidth": r["bandwidth"], "rows": [r["rows"][c] for c in contexts]}
+        for it in items:
+            rt = it["runtime"]
+            quant = rt == "executorch_8da4w"
+            wb = weight_bytes_per_token(mcfg, quant, q_group)
+            for c, row in r["rows"][rt].items():
+                row["weight_bytes_per_token"] = wb
+                row["kv_bytes_per_token"] = c * kv_bytes_per_position(mcfg)
+                row["bytes_per_token"] = wb + row["kv_bytes_per_token"]
+                if row.get("status") == "ok" and r["bandwidth"]:
+                    roof = r["bandwidth"] / row["bytes_per_token"]
+                    row["roofline_tok_s"] = roof
+                    row["roofline_fraction"] = row["decode_tok_s"] / roof
+            results["runtimes"][rt] = {"bandwidth": r["bandwidth"], "rows": [r["rows"][rt][c] for c in contexts]}
     results["bandwidth"] = max(bws) if bws else None
     results["kv_bytes_per_position"] = kv_bytes_per_position(mcfg)
     results["table"] = table(results)
@@ -303,7 +385,8 @@ def table(results: dict[str, Any]) -> str:
     parts = []
     for title, key, fmt in (("decode tokens/s", "decode_tok_s", ".1f"), ("fraction of bandwidth roofline",
                                                                           "roofline_fraction", ".2f"),
-                            ("peak memory (MB, process RSS)", "peak_rss_mb", ".0f")):
+                            ("memory (MB): peak RSS of load and decode over the post-import baseline",
+                             "mem_mb", ".0f")):
         lines = [f"**{title}** ({results['threads']} thread(s), {results['new_tokens']} new tokens)\n\n", head]
         for rt, r in results["runtimes"].items():
             lines.append(f"| {rt} | " + " | ".join(_cell(row, key, fmt) for row in r["rows"]) + " |\n")

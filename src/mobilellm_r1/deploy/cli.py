@@ -93,7 +93,6 @@ def cmd_export(args: argparse.Namespace) -> int:
             res = export_executorch(model, args.out, args.max_context or cfg.max_context or max(cfg.contexts),
                                     quantize=not args.fp32, group_size=args.group_size or cfg.group_size,
                                     embedding_group_size=cfg.embedding_group_size, embedding_bits=cfg.embedding_bits,
-                                    prefill_chunk=cfg.prefill_chunk,
                                     source=(meta.get("quantization") or {}).get("source") or args.checkpoint)
         except GroupSizeError as e:
             raise UserError(str(e)) from None
@@ -155,8 +154,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 pte = Path(tmp) / "model-8da4w.pte"
                 print(f"exporting {target} (8da4w, context {max(contexts)})...", file=sys.stderr)
                 model, _ = _load(str(target))
-                export_executorch(model, pte, max(contexts), group_size=cfg.group_size,
-                                  prefill_chunk=cfg.prefill_chunk, source=str(target))
+                export_executorch(model, pte, max(contexts), group_size=cfg.group_size, source=str(target))
         try:
             res = bench(model_dir, pte, cfg, contexts)
         except ValueError as e:

@@ -28,7 +28,6 @@ class DeployConfig:
     embedding_bits: int = 4
     formats: list[str] = field(default_factory=lambda: ["executorch"])
     max_context: int = 0  # static KV-cache length of the .pte; 0: the largest of ``contexts``
-    prefill_chunk: int = 256  # tokens per prefill call of the exported program (its dynamic-length bound)
     contexts: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
     new_tokens: int = 32  # decode steps timed at each context
     threads: int = 1  # torch / XNNPACK threads in the benchmark workers

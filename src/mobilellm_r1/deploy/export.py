@@ -4,19 +4,22 @@ llama.cpp, and (already in :mod:`mobilellm_r1.model.hf`) Hugging Face safetensor
 ExecuTorch
 ----------
 :class:`StaticCacheLM` is the export-friendly form of a :class:`~mobilellm_r1.model.transformer.Transformer`:
-it holds the model itself (same modules, same weights, same ``Attention.project`` math: projections,
-interleaved RoPE, QK-norm) and adds a static KV cache as buffers, one ``(1, max_context, kv_heads,
-head_dim)`` pair per layer application, updated in place by ExecuTorch's llama custom ops
-(``llama::update_cache``) and attended by ``llama::custom_sdpa``, which reads only the filled prefix,
-so a decode step costs what its context costs, not the cache's size. ``forward(tokens (1, S), input_pos
-(1,))`` writes positions ``input_pos .. input_pos+S-1`` and returns the logits of the last position
-(``full_logits`` all of them). ``S`` is dynamic up to ``prefill_chunk``.
+it holds the model itself (same modules, same weights, the math of ``Attention.project``: projections,
+interleaved RoPE, QK-norm, written in ops XNNPACK delegates) and adds a static KV cache as buffers, one
+``(1, max_context, kv_heads, head_dim)`` pair per layer application, updated in place by ExecuTorch's llama
+custom ops (``llama::update_cache``) and attended by ``llama::custom_sdpa``, which reads only the filled
+prefix, so a decode step costs what its context costs, not the cache's size. ``forward(tokens (1, S),
+input_pos (1,))`` writes positions ``input_pos .. input_pos+S-1`` and returns the logits of the last
+position (``full_logits`` all of them).
 
 :func:`export_executorch` quantizes (optional, :mod:`.quantize`: 8da4w linears, 4-bit group-32 embedding
-swapped for ExecuTorch's packed ``quantized_decomposed::embedding_4bit`` lookup), runs ``torch.export``,
-lowers to XNNPACK with ``to_edge_transform_and_lower`` and writes the ``.pte`` atomically, with the model
-shape stored as constant methods (``get_max_context_len`` ...) and a ``.json`` sidecar.
-:class:`PteRunner` loads a ``.pte`` and steps it.
+swapped for ExecuTorch's packed ``quantized_decomposed::embedding_4bit`` lookup), runs ``torch.export``
+with static shapes, lowers to XNNPACK with ``to_edge_transform_and_lower`` and writes the ``.pte``
+atomically, with the model shape stored as constant methods (``get_max_context_len`` ...) and a ``.json``
+sidecar. The program's one method, ``forward``, takes one token at a given position: a prompt is
+prefilled token by token. (A dynamic length makes every reshape symbolic, which XNNPACK does not take; a
+second static-length ``prefill`` method sharing the cache costs a second lowering, and the Python runtime
+bindings here did not share its cache with ``forward``.) :class:`PteRunner` loads a ``.pte`` and steps it.
 
 GGUF
 ----
@@ -30,22 +33,31 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..model.transformer import Transformer
+
+
+def load_runtime() -> None:
+    """What running a ``.pte`` needs: the runtime with the llama custom-op and quantized kernels."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    from executorch.extension.pybindings import portable_lib  # noqa: F401
+    from executorch.kernels import quantized  # noqa: F401
 
 
 def load_custom_ops() -> None:
     """Register ExecuTorch's llama ops (update_cache, custom_sdpa) and quantized kernels (embedding_4bit)
     with torch, for export and for eager runs of :class:`StaticCacheLM`."""
     from executorch.exir.passes import _quant_patterns_and_replacements  # noqa: F401  (embedding_4bit.dtype)
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
-    from executorch.kernels import quantized  # noqa: F401
+
+    load_runtime()
 
 
 # ------------------------------------------------------------------------------------- static-cache module
@@ -81,8 +93,27 @@ class PackedEmbedding(nn.Module):
             self.weight, self.scales, None, -128, 127, ids, dtype=torch.float32)
 
 
+def _rope_rotation(head_dim: int) -> torch.Tensor:
+    """``P`` with ``x @ P`` = the interleaved pairs ``(x0, x1)`` turned into ``(-x1, x0)``, so RoPE is
+    ``x * cos + (x @ P) * sin`` with ``cos``/``sin`` repeated per pair: two muls, an add and a small
+    matmul instead of the strided selects of :func:`~mobilellm_r1.model.transformer.apply_rope`."""
+    p = torch.zeros(head_dim, head_dim)
+    i = torch.arange(0, head_dim, 2)
+    p[i + 1, i] = -1.0
+    p[i, i + 1] = 1.0
+    return p
+
+
 class StaticCacheLM(nn.Module):
-    """``model`` plus a static KV cache, exportable with ``torch.export`` (see the module docstring)."""
+    """``model`` plus a static KV cache, exportable with ``torch.export`` (see the module docstring).
+
+    The math is the model's (same weights and modules; checked against ``Transformer.forward`` in the tests),
+    written with ops XNNPACK takes: its partitioner has no last-dim ``mean``, no scalar ``add`` and no
+    ``select``, so ``F.rms_norm`` and the strided RoPE would stay in portable kernels and cut every block
+    into ~6 delegates (each lowered separately: most of the export time, and slow at run time). Here a
+    mean over the last dim is a matmul with a constant ``1/n`` column, ``eps`` a tensor constant, RoPE a
+    constant pair-rotation matmul; only the KV-cache custom ops split the graph, one delegate per block.
+    """
 
     def __init__(self, model: Transformer, max_context: int, full_logits: bool = False):
         super().__init__()
@@ -99,34 +130,67 @@ class StaticCacheLM(nn.Module):
         for i in range(self.n_apps):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+        cos, sin = model.rope_cos[:max_context], model.rope_sin[:max_context]
+        self.register_buffer("cos", cos.repeat_interleave(2, dim=-1).contiguous(), persistent=False)
+        self.register_buffer("sin", sin.repeat_interleave(2, dim=-1).contiguous(), persistent=False)
+        self.register_buffer("rot", _rope_rotation(cfg.head_dim).T.contiguous(), persistent=False)
+        self.register_buffer("mean_dim", torch.full((1, cfg.dim), 1.0 / cfg.dim), persistent=False)
+        self.register_buffer("mean_head", torch.full((1, cfg.head_dim), 1.0 / cfg.head_dim), persistent=False)
+        self.register_buffer("eps", torch.tensor([cfg.norm_eps]), persistent=False)
 
     def reset(self) -> None:
-        for b in self.buffers():
-            if b.dim() == 4:
+        for name, b in self.named_buffers():
+            if name.startswith(("k_cache_", "v_cache_")):
                 b.zero_()
+
+    def _rms(self, x: torch.Tensor, mean: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        y = x * torch.rsqrt(F.linear(x * x, mean) + self.eps)
+        return y if weight is None else y * weight
+
+    @staticmethod
+    def _ffn(ff, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU with ``silu`` spelled out (``g * sigmoid(g)``): ``silu`` is not a core ATen op, and one
+        non-core op makes ExecuTorch run a whole extra decomposition pass over the program."""
+        g = ff.gate_proj(x)
+        return ff.down_proj(g * torch.sigmoid(g) * ff.up_proj(x))
+
+    def _project(self, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``Attention.project`` (projections, interleaved RoPE, then QK-norm) in XNNPACK's ops."""
+        b, s, _ = x.shape
+        hd = attn.head_dim
+        q = attn.q_proj(x).view(b, s, attn.n_heads, hd)
+        k = attn.k_proj(x).view(b, s, attn.n_kv_heads, hd)
+        v = attn.v_proj(x).view(b, s, attn.n_kv_heads, hd)
+        q = q * cos + F.linear(q, self.rot) * sin
+        k = k * cos + F.linear(k, self.rot) * sin
+        if attn.qk_norm:
+            q, k = self._rms(q, self.mean_head), self._rms(k, self.mean_head)
+        return q, k, v
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         m = self.model
         b, s = tokens.shape
-        start = input_pos[0].item()
+        # ``item()`` spelled as its core-ATen form: see ``_ffn``
+        start = torch.ops.aten._local_scalar_dense.default(input_pos[0])
         torch._check_is_size(start)
         torch._check(start + s <= self.max_context)
-        cos = m.rope_cos.narrow(0, start, s)[None, :, None]
-        sin = m.rope_sin.narrow(0, start, s)[None, :, None]
+        cos = self.cos[start:start + s].view(1, s, 1, -1)
+        sin = self.sin[start:start + s].view(1, s, 1, -1)
         h = m.embed_tokens(tokens)
         for app, li in enumerate(m.schedule):
             blk = m.layers[li]
             attn = blk.self_attn
             k_cache, v_cache = getattr(self, f"k_cache_{app}"), getattr(self, f"v_cache_{app}")
-            q, k, v = attn.project(blk.input_layernorm(h), cos, sin)  # (B, S, heads, hd): the cache layout
+            x = self._rms(h, self.mean_dim, blk.input_layernorm.weight)
+            q, k, v = self._project(attn, x, cos, sin)  # (B, S, heads, hd): the cache layout
             torch.ops.llama.update_cache(k, k_cache, start)
             torch.ops.llama.update_cache(v, v_cache, start)
             o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
             h = h + attn.o_proj(o.reshape(b, s, -1))
-            h = h + blk.feed_forward(blk.post_attention_layernorm(h))
-        if not self.full_logits:
+            h = h + self._ffn(blk.feed_forward, self._rms(h, self.mean_dim, blk.post_attention_layernorm.weight))
+        if not self.full_logits and s > 1:
             h = h[:, -1:]
-        return m.logits(m.norm(h))
+        return m.logits(self._rms(h, self.mean_dim, m.norm.weight))
 
 
 def prepare_quantized_for_export(model: Transformer) -> Transformer:
@@ -152,19 +216,42 @@ def _atomic_write_bytes(path: Path, write) -> None:
             tmp.unlink()
 
 
+def xnnpack_partitioner():
+    """XNNPACK's partitioner with two export-time savings for this graph (the lowered program computes the
+    same: the tests compare it with eager). Both cut work that is repeated over every node of the program.
+
+    - XNNPACK runs ~17 graph passes on every delegate (conv, batch-norm, pooling, concat, channels-last,
+      ...); our blocks have none of those ops, so only ``ConvertToLinearPass`` runs (the pass set XNNPACK's
+      own dynamically-quantized partitioner selects with the ``dqlinear_partitioner`` spec).
+    - Ops XNNPACK lowers whole (``linear``, torchao's quantize/dequantize) are kept from decomposition
+      without its per-node ``check_op_support``, so ``to_edge`` decomposes the program once instead of three
+      times (every op here is core ATen already, see :class:`StaticCacheLM`, so that once is enough).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir.backend.compile_spec_schema import CompileSpec
+
+    class _Partitioner(XnnpackPartitioner):
+        def __init__(self):
+            super().__init__()
+            self.delegation_spec.compile_specs.append(CompileSpec("dqlinear_partitioner", b""))
+
+        def ops_to_not_decompose(self, ep):
+            ops, _ = super().ops_to_not_decompose(ep)
+            return ops, None
+
+    return _Partitioner()
+
+
 def export_executorch(model: Transformer, out: str | Path, max_context: int, *, quantize: bool = True,
                       group_size: int = 0, embedding_group_size: int = 32, embedding_bits: int = 4,
-                      prefill_chunk: int = 256, quantized: bool | None = None, source: str = "") -> dict[str, Any]:
+                      quantized: bool | None = None, source: str = "") -> dict[str, Any]:
     """Write ``model`` as an XNNPACK-lowered ``.pte`` at ``out`` with a static KV cache of ``max_context``
     positions. ``quantize`` applies the paper's 8da4w scheme first (in place on ``model``) unless the model
     is already quantized (e.g. from :func:`~.quantize.load_quantized`). ``source`` (the checkpoint it came
     from) is recorded so a benchmark of the file can find the fp32 model. Returns a summary (also written
     next to the file as ``OUT.json``)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
-    from torch.export import Dim
 
     from .quantize import quantize_model, quiet_torchao
 
@@ -172,7 +259,7 @@ def export_executorch(model: Transformer, out: str | Path, max_context: int, *, 
     out = Path(out)
     already = quantized if quantized is not None else hasattr(model.embed_tokens.weight, "qdata")
     summary: dict[str, Any] = {"format": "executorch", "backend": "xnnpack", "max_context": max_context,
-                               "prefill_chunk": prefill_chunk, "model": _model_dict(model),
+                               "model": _model_dict(model),
                                "source": str(Path(source).absolute()) if source else ""}
     if quantize and not already:
         summary["quantization"] = quantize_model(model, group_size, embedding_group_size, embedding_bits)
@@ -181,27 +268,40 @@ def export_executorch(model: Transformer, out: str | Path, max_context: int, *, 
     else:
         summary["quantization"] = None
     prepare_quantized_for_export(model)
+    # a checkpoint loaded with ``assign=True`` keeps ``requires_grad`` on its (integer) quantized tensors,
+    # which ExecuTorch's unwrapping of tensor subclasses cannot turn back into parameters
+    model.requires_grad_(False)
     lm = StaticCacheLM(model.eval(), max_context).eval()
-    chunk = min(prefill_chunk, max_context)
-    example = (torch.zeros(1, min(2, chunk), dtype=torch.long), torch.zeros(1, dtype=torch.long))
-    dyn = ({1: Dim("seq", min=1, max=chunk)}, None) if chunk > 1 else None
-    with torch.no_grad(), torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
-        ep = torch.export.export(lm, example, dynamic_shapes=dyn, strict=False)
-        cfg = model.cfg
-        constants = {"get_max_context_len": max_context, "get_max_seq_len": chunk, "get_vocab_size": cfg.vocab_size,
-                     "get_bos_id": cfg.bos_id, "get_eos_ids": list(cfg.eos_ids), "use_kv_cache": True}
-        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], constant_methods=constants,
+    cfg = model.cfg
+    constants = {"get_max_context_len": max_context, "get_max_seq_len": 1, "get_vocab_size": cfg.vocab_size,
+                 "get_bos_id": cfg.bos_id, "get_eos_ids": list(cfg.eos_ids), "use_kv_cache": True}
+    times: dict[str, float] = {}
+    with torch.no_grad():
+        t = time.perf_counter()
+        ep = torch.export.export(lm, (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
+                                 strict=False)
+        times["torch_export"] = time.perf_counter() - t
+        t = time.perf_counter()
+        edge = to_edge_transform_and_lower(ep, partitioner=[xnnpack_partitioner()], constant_methods=constants,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        times["lower"] = time.perf_counter() - t
+        t = time.perf_counter()
         prog = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
+        times["to_executorch"] = time.perf_counter() - t
+    summary["delegates"] = _count_delegates(edge.exported_program())
+    summary["export_seconds"] = times
     _atomic_write_bytes(out, prog.write_to_file)
     summary["bytes"] = out.stat().st_size
     summary["fp32_bytes"] = 4 * cfg.param_count()
     summary["size_ratio"] = summary["bytes"] / summary["fp32_bytes"]
     _atomic_write_bytes(sidecar(out), lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
     return summary
+
+
+def _count_delegates(ep) -> int:
+    return sum(1 for n in ep.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target))
 
 
 def sidecar(pte: str | Path) -> Path:
@@ -216,11 +316,11 @@ def _model_dict(model: Transformer) -> dict[str, Any]:
 
 
 class PteRunner:
-    """A loaded ``.pte`` with its KV cache: ``step(tokens, pos)`` returns the last position's logits
-    ``(vocab,)``; ``prefill`` feeds a prompt in chunks."""
+    """A loaded ``.pte`` with its KV cache: ``step(token, pos)`` returns the next token's logits
+    ``(vocab,)``; ``prefill`` feeds a prompt."""
 
     def __init__(self, path: str | Path, threads: int = 0):
-        load_custom_ops()
+        load_runtime()
         from executorch.extension.pybindings import portable_lib
 
         path = Path(path)
@@ -232,7 +332,6 @@ class PteRunner:
         self.meta = json.loads(sidecar(path).read_text()) if sidecar(path).is_file() else {}
         self.module = portable_lib._load_for_executorch(str(path))
         self.max_context = int(self._const("get_max_context_len", self.meta.get("max_context", 0)))
-        self.chunk = int(self._const("get_max_seq_len", self.meta.get("prefill_chunk", 1)))
 
     def _const(self, name: str, default: Any) -> Any:
         try:
@@ -240,17 +339,21 @@ class PteRunner:
         except Exception:  # noqa: BLE001 - an older file without the constant method
             return default
 
-    def step(self, tokens: list[int] | torch.Tensor, pos: int) -> torch.Tensor:
-        t = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
-        if pos + t.shape[1] > self.max_context:
-            raise ValueError(f"positions {pos}..{pos + t.shape[1]} exceed the exported context {self.max_context}")
-        out = self.module.forward((t, torch.tensor([pos], dtype=torch.long)))[0]
-        return out.reshape(-1, out.shape[-1])[-1]
+    def step(self, token: int | list[int], pos: int) -> torch.Tensor:
+        """Decode one token at ``pos``: the logits ``(vocab,)`` of the next."""
+        tokens = [token] if isinstance(token, int) else list(token)
+        if len(tokens) != 1:
+            raise ValueError(f"step decodes one token, got {len(tokens)}: use prefill for a prompt")
+        if pos + 1 > self.max_context:
+            raise ValueError(f"position {pos} exceeds the exported context {self.max_context}")
+        out = self.module.forward((torch.tensor([tokens], dtype=torch.long), torch.tensor([pos], dtype=torch.long)))[0]
+        return out.reshape(-1)
 
     def prefill(self, tokens: list[int], pos: int = 0) -> torch.Tensor:
+        """Write ``tokens`` at ``pos..`` one at a time; the logits after the last."""
         logits = None
-        for i in range(0, len(tokens), self.chunk):
-            logits = self.step(tokens[i:i + self.chunk], pos + i)
+        for i, t in enumerate(tokens):
+            logits = self.step(t, pos + i)
         return logits
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
@@ -260,7 +363,7 @@ class PteRunner:
             t = int(logits.argmax())
             out.append(t)
             if i < n - 1:
-                logits = self.step([t], len(prompt) + i)
+                logits = self.step(t, len(prompt) + i)
         return out
 
 

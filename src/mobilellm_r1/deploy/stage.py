@@ -55,7 +55,7 @@ def run_deploy(ckpt_dir: str | Path, out_dir: str | Path, cfg: DeployConfig, sha
     t = time.perf_counter()
     pte = out / "model-8da4w.pte"
     res["export"] = export_executorch(model, pte, cfg.max_context or max(cfg.contexts), quantized=True,
-                                      prefill_chunk=cfg.prefill_chunk, source=str(ckpt_dir))
+                                      source=str(ckpt_dir))
     res["export_s"] = time.perf_counter() - t
     log(f"exported in {res['export_s']:.1f}s -> {pte} ({res['export']['bytes'] / 1e6:.1f} MB, "
         f"{res['export']['size_ratio']:.1%} of fp32)")
