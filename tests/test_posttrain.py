@@ -277,7 +277,9 @@ def test_grpo_raises_reward_on_a_toy_task_fast(tmp_path):
                                                     {"role": "assistant", "content": f"\\boxed{{{i % 10}}}"}]}) + "\n"
                            for i in range(100)))
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "Pick a digit."}], "answer": "7"}) + "\n")
+    long_prompt = {"messages": [{"role": "user", "content": "Pick a digit. " * 40}], "answer": "7"}
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"messages": [{"role": "user", "content": "Pick a digit."}], "answer": "7"}, long_prompt)))
     model = {"preset": "micro", "dim": 64, "n_layers": 2, "ffn_dim": 192, "vocab_size": tok.vocab_size,
              "bos_id": tok.bos_id, "eos_ids": tok.eos_ids, "pad_id": tok.pad_id}
     rec = recipe_from_dict({
@@ -294,7 +296,7 @@ def test_grpo_raises_reward_on_a_toy_task_fast(tmp_path):
     res = train_grpo(rec, "grpo", GRPOOptions(out=str(tmp_path / "grpo"), progress=False))
     r = res["reward_mean"]
     assert len(r) == 30 and np.mean(r[:5]) < 0.3 and np.mean(r[-5:]) > np.mean(r[:5]) + 0.4, r
-    assert res["prompt_data"] == {"rows": 1, "prompts": 1, "too_long": 0}
+    assert res["prompt_data"] == {"rows": 2, "prompts": 1, "too_long": 1}  # over max_prompt_tokens: counted
 
 
 @pytest.mark.slow  # ~60 s idle, 200 s on a loaded 2-core machine; the real 49k-id SmolLM2 tokenizer
