@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from ..assets import shared_data_dir
 from .tasks.base import Example, Task, TaskDataError, load_examples
 
-SHARED_BENCHMARKS = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "benchmarks"
+SHARED_BENCHMARKS = shared_data_dir() / "benchmarks"
 
 
 def all_tasks() -> dict[str, Task]:

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..assets import shared_data_dir
 from ..config import ConfigError, Recipe, StageConfig
 from ..train.objectives import next_token_targets
 from .formats import SFTFormatError, row_messages
@@ -53,16 +54,6 @@ class SFTStats:
 
 
 # --------------------------------------------------------------------------------------------- inputs
-
-
-def shared_data_dir() -> Path:
-    """``shared/data`` beside the repository or beside one of its parent folders (a worktree nests one
-    level deeper), the data several checkouts share (benchmarks, GSM8K train)."""
-    here = Path(__file__).resolve()
-    for anc in here.parents[3:]:
-        if (anc.parent / "shared" / "data").is_dir():
-            return anc.parent / "shared" / "data"
-    return here.parents[3].parent / "shared" / "data"
 
 
 def dataset_inputs(recipe: Recipe, name: str, run_dir: Path) -> list[str]:
