@@ -223,14 +223,11 @@ def _eval_model(ctx: Context, ckpt: str, style: str, tag: str, tasks: list[str] 
     return rows
 
 
-MATH_TASKS = ("gsm8k", "math500", "aime", "amc")
-
-
 def _format_rates(ctx: Context, ckpt: str, tag: str, style: str, rows: dict[str, Any]) -> dict[str, Any]:
     """Format following (issue 8): the share of 0-shot chat-style completions with a \\boxed{} answer on the
     math tasks. A post-trained model's chat-style rows already hold it; a base model is asked the same
     prompts in the chat template too (``TASK_chat/``), so before/after SFT compare like with like."""
-    tasks = [t for t in ctx.pipeline.eval_tasks if t in MATH_TASKS]
+    tasks = [t for t in ctx.pipeline.eval_tasks if t in ctx.pipeline.eval_format_tasks]
     if style != "chat":
         rows = _eval_model(ctx, ckpt, "chat", tag, tasks, sub="_chat")
     return {t: rows[t].get("format_rate") for t in tasks if "skipped" not in rows.get(t, {"skipped": 1})}
@@ -255,7 +252,7 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
         kind = ctx.recipe.stages[stage].kind
         style = "chat" if kind in ("sft", "grpo") else "base"
         out["tasks"][tag] = _eval_model(ctx, ckpt, style, tag)
-        if ctx.pipeline.eval_format:
+        if ctx.pipeline.eval_format_tasks:
             out["format"][tag] = _format_rates(ctx, ckpt, tag, style, out["tasks"][tag])
         p = probe(ckpt, shards=ctx.output("tokenize", "dir"), max_tokens=ctx.pipeline.probe_max_tokens,
                   heldout_fraction=ctx.recipe.data.heldout_fraction, rankme_samples=256)
