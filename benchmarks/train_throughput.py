@@ -6,6 +6,9 @@ Both sides train the same initial weights (our ``Transformer`` built with the re
 ``MixtureSampler`` with the same seed, weights and length), on CPU in fp32, with the same AdamW
 hyper-parameters (lr 1e-3, betas 0.9/0.95, eps 1e-8, weight decay 0.1, clipping 1.0, 2 warm-up steps then
 linear decay), the same thread count, no evaluation and no intermediate checkpoint.
+With ``--device cuda`` both sides train on the GPU under bf16 autocast (ours: ``dtype auto``; HF:
+``bf16=True``), ``--compile`` compiles our blocks and sets HF's ``torch_compile``; CUDA steps are timed
+after a device synchronisation on both sides, and MFU is against the GPU's bf16 datasheet peak.
 
 - ours: ``train_stage`` on a one-stage recipe; tokens/s is the mean over the steps after the first (the
   summary's ``tokens_per_s``), each step timed from fetching its batch to the end of ``optimizer.step``.
@@ -28,7 +31,7 @@ The model is ``--preset`` (``tiny``, the CPU preset, by default; ``micro``, ``14
 ``transformers.Trainer`` needs ``accelerate`` (pip install 'accelerate>=1.1.0').
 
 Usage: python benchmarks/train_throughput.py [--preset tiny] [--vocab-size 49152] [--seq-len 256]
-       [--micro-batch 8] [--steps 10] [--threads 0] [--json] [--profile]
+       [--micro-batch 8] [--steps 10] [--threads 0] [--device cpu|cuda] [--compile] [--json] [--profile]
 """
 
 from __future__ import annotations
@@ -136,17 +139,19 @@ def run_ours(work: Path, args) -> dict:
         return gather(*a, **kw)
 
     loop.gather_state = gather_state
-    opts = loop.TrainOptions(out=str(work / "ours_out"), progress=False, device="cpu")
+    opts = loop.TrainOptions(out=str(work / "ours_out"), progress=False, device=args.device, compile=args.compile)
     prof = None
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        prof = profile(activities=acts, record_shapes=True)
         prof.__enter__()
     summary = loop.train_stage(recipe, "pre", opts)
     if prof is not None:
         prof.__exit__(None, None, None)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), file=sys.stderr)
+        key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=40), file=sys.stderr)
     steady = summary["tokens_per_s"]
     return {"tokens_per_s": steady, "losses": summary["losses"], "flops_per_token": summary["flops_per_token"],
             "threads": torch.get_num_threads(), "import_rss_mb": import_rss,
@@ -186,15 +191,19 @@ def run_hf(work: Path, args) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(work / "hf_init", dtype=torch.float32)
     model.train()
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     class Timer(TrainerCallback):
         def __init__(self):
             self.begin, self.step_s, self.ends = 0.0, [], []
 
         def on_step_begin(self, a, state, control, **kw):
+            sync()
             self.begin = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
+            sync()
             now = time.perf_counter()
             self.step_s.append(now - self.begin)
             self.ends.append(now)
@@ -211,7 +220,8 @@ def run_hf(work: Path, args) -> dict:
     targs = TrainingArguments(
         output_dir=str(work / "hf_out"), per_device_train_batch_size=args.micro_batch, max_steps=args.steps,
         learning_rate=LR, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.1,
-        max_grad_norm=1.0, lr_scheduler_type="linear", warmup_steps=WARMUP, use_cpu=True, report_to=[],
+        max_grad_norm=1.0, lr_scheduler_type="linear", warmup_steps=WARMUP, use_cpu=not cuda, bf16=cuda,
+        torch_compile=args.compile, report_to=[],
         save_strategy="no", eval_strategy="no", logging_steps=1, dataloader_num_workers=0,
         dataloader_pin_memory=False, disable_tqdm=True, seed=recipe.run.seed,
         # keep `shift_labels`: the forward's signature does not name it (it travels in **kwargs to the loss)
@@ -238,7 +248,8 @@ def run_hf(work: Path, args) -> dict:
 def _side_cmd(side: str, work: Path, args) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--workdir", str(work),
            "--preset", args.preset, "--vocab-size", str(args.vocab_size), "--seq-len", str(args.seq_len),
-           "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--threads", str(args.threads)]
+           "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--threads", str(args.threads),
+           "--device", args.device] + (["--compile"] if args.compile else [])
     return cmd + (["--profile"] if args.profile and side == "ours" else [])
 
 
@@ -261,6 +272,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: every usable core)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both sides")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table of our side (stderr)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--side", choices=("both", "ours", "hf"), default="both", help=argparse.SUPPRESS)
@@ -298,14 +311,14 @@ def main() -> None:
         cfg = load_recipe(recipe_path).model
         ours = run_side("ours", work, args)
         hf = run_side("hf", work, args)
-    peak, peak_src = device_peak(torch.device("cpu"))
+    peak, peak_src = device_peak(torch.device(args.device))
     fpt = flops_per_token(cfg, args.seq_len)
     assert abs(fpt - ours["flops_per_token"]) < 1e-6 * fpt
-    mfu = lambda tps: tps * fpt / peak  # noqa: E731
+    mfu = lambda tps: tps * fpt / peak if peak else None  # noqa: E731
     res = {
         "ours_tokens_per_s": round(ours["tokens_per_s"], 1), "hf_tokens_per_s": round(hf["tokens_per_s"], 1),
         "ratio": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3),
-        "ours_mfu": round(mfu(ours["tokens_per_s"]), 4), "hf_mfu": round(mfu(hf["tokens_per_s"]), 4),
+        "ours_mfu": mfu(ours["tokens_per_s"]), "hf_mfu": mfu(hf["tokens_per_s"]),
         "ours_peak_rss_mb": round(ours["peak_rss_mb"], 1), "hf_peak_rss_mb": round(hf["peak_rss_mb"], 1),
         "first_loss_ours": ours["losses"][0], "first_loss_hf": hf["losses"][0],
         "hf_tokens_per_s_end_to_end": round(hf["tokens_per_s_end_to_end"], 1)
@@ -316,6 +329,8 @@ def main() -> None:
         "config": {"preset": args.preset, "vocab_size": cfg.vocab_size, "dim": cfg.dim, "n_layers": cfg.n_layers,
                    "params": cfg.param_count(), "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                    "steps": args.steps, "step_tokens": args.micro_batch * args.seq_len, "threads": args.threads,
+                   "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                   "compile": args.compile,
                    "flops_per_token": fpt, "peak_flops": peak, "peak_source": peak_src,
                    "load_avg_1m_before": round(load_before[0], 2),
                    "load_avg_1m_after": round(os.getloadavg()[0], 2),
@@ -327,12 +342,13 @@ def main() -> None:
         return
     c = res["config"]
     print(f"{args.preset} ({c['params'] / 1e6:.1f}M params, vocab {c['vocab_size']}): {args.steps} steps of "
-          f"{args.micro_batch} x {args.seq_len} tokens, fp32 CPU, {args.threads} threads; "
-          f"peak {peak / 1e9:.1f} GFLOP/s ({peak_src})")
+          f"{args.micro_batch} x {args.seq_len} tokens, "
+          + (f"bf16 autocast on {c['device']}" if args.device == "cuda" else f"fp32 CPU, {args.threads} threads")
+          + f"; peak {(peak or 0) / 1e9:.1f} GFLOP/s ({peak_src})")
     print(f"{'':14}{'tokens/s':>10}{'MFU':>8}{'peak RSS':>11}{'first loss':>12}")
-    print(f"{'ours':14}{res['ours_tokens_per_s']:>10,.1f}{res['ours_mfu']:>8.1%}"
+    print(f"{'ours':14}{res['ours_tokens_per_s']:>10,.1f}{res['ours_mfu'] or 0:>8.1%}"
           f"{res['ours_peak_rss_mb']:>8,.0f} MB{res['first_loss_ours']:>12.5f}")
-    print(f"{'transformers':14}{res['hf_tokens_per_s']:>10,.1f}{res['hf_mfu']:>8.1%}"
+    print(f"{'transformers':14}{res['hf_tokens_per_s']:>10,.1f}{res['hf_mfu'] or 0:>8.1%}"
           f"{res['hf_peak_rss_mb']:>8,.0f} MB{res['first_loss_hf']:>12.5f}")
     print(f"ratio (ours/HF) {res['ratio']:.3f}   |first-loss difference| "
           f"{abs(res['first_loss_ours'] - res['first_loss_hf']):.2e}")

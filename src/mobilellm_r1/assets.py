@@ -38,6 +38,17 @@ def cache_dir() -> Path:
     return root
 
 
+def shared_data_dir() -> Path:
+    """``shared/data`` beside the repository or beside one of its parent folders (a git worktree nests one
+    level deeper): data several checkouts share (benchmarks, GSM8K train). A fresh clone has none; callers
+    check for the files they need and skip or fall back."""
+    here = Path(__file__).resolve()
+    for anc in here.parents[2:]:  # parents[2]: the repository (src/mobilellm_r1/assets.py)
+        if (anc.parent / "shared" / "data").is_dir():
+            return anc.parent / "shared" / "data"
+    return here.parents[2].parent / "shared" / "data"
+
+
 def llama3_tokenizer_model() -> Path:
     try:
         import llama_models

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .atomic import write_json
 from .config import ConfigError, Recipe, to_dict
 
 MANIFEST = "stage.json"
@@ -172,17 +172,6 @@ def read_manifest(run_dir: Path, name: str) -> dict[str, Any] | None:
     return m if isinstance(m, dict) and m.get("status") == "done" else None
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
-
-
 # ---------------------------------------------------------------------------------------------- run
 
 
@@ -239,7 +228,7 @@ def run_pipeline(recipe: Recipe, opts: RunOptions) -> dict[str, Any]:
             manifest = {"stage": st.name, "kind": st.kind, "status": "done", "key": key,
                         "run_id": uuid.uuid4().hex[:12], "deps": {d: upstream[d]["run_id"] for d in st.deps},
                         "config": st.config, "outputs": outputs, "seconds": secs, "finished": time.time()}
-            write_json_atomic(ctx.out / MANIFEST, manifest)
+            write_json(ctx.out / MANIFEST, manifest, indent=2, default=str)
             upstream[st.name] = manifest
             done.append({"stage": st.name, "status": "ran", "seconds": secs})
             log(f"[{st.name}] done in {secs:.1f}s")

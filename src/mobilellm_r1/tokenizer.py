@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+from .atomic import atomic_path, write_json
 
 # The Llama-3 pre-tokenisation pattern (splits contractions, letters, 1-3 digit groups, punctuation runs
 # and whitespace before BPE merges).
@@ -373,7 +374,8 @@ def _split_keep(text: str, seps: list[str]) -> Iterator[str]:
 
 
 def _byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], digits: bool):
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
 
     tok = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -388,12 +390,9 @@ _CHAT_FORMATS = {"llama3": LLAMA3_CHAT, "chatml": CHATML_CHAT}
 
 
 def _save_hf(backend, out_dir: Path, meta: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "tokenizer.json.tmp"
-    backend.save(str(tmp))
-    os.replace(tmp, out_dir / "tokenizer.json")
-    (out_dir / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=1))
-    os.replace(out_dir / (META_FILE + ".tmp"), out_dir / META_FILE)
+    with atomic_path(out_dir / "tokenizer.json") as tmp:
+        backend.save(str(tmp))
+    write_json(out_dir / META_FILE, meta)
 
 
 def _gguf_to_hf(path: Path, out_dir: Path) -> None:
@@ -553,9 +552,8 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path) -> list[str]:
                                     extra_special_tokens=specials).converted()
     else:
         raise ValueError(f"tokenizer {tok.name!r} cannot be written as HF files")
-    tmp = out_dir / "tokenizer.json.tmp"
-    backend.save(str(tmp))
-    os.replace(tmp, out_dir / "tokenizer.json")
+    with atomic_path(out_dir / "tokenizer.json") as tmp:
+        backend.save(str(tmp))
 
     def name(i: int) -> str:
         piece = backend.id_to_token(i)
@@ -568,7 +566,5 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path) -> list[str]:
            "pad_token": name(tok.pad_id), "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids"]}
     if tok.chat is not None:
         cfg["chat_template"] = chat_template_jinja(tok.chat)
-    tmp = out_dir / "tokenizer_config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=1, ensure_ascii=False))
-    os.replace(tmp, out_dir / "tokenizer_config.json")
+    write_json(out_dir / "tokenizer_config.json", cfg)
     return ["tokenizer.json", "tokenizer_config.json"]

@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_json, write_jsonl
 from ..config import to_dict
 from ..data.corpus import chunk_paragraphs
-from ..data.shards import write_json_atomic
 from ..data.sources import JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, ReadStats, group_inputs, iter_documents
 from .askllm import DOMAIN_PROMPTS, EDU_PROMPT, REASONING_PROMPT
 from .dedup import semantic_dedup
 from .executor import LocalExecutor, ScorerSpec
 from .probing import CAPABILITIES, assignment, build_probing_sets, capabilities_of
 from .quality import RidgeQualityHead, edu_row
-from .store import ScoreTable, write_jsonl
+from .store import ScoreTable
 
 STEPS = ("quality", "askllm", "domain", "dedup")
 
@@ -376,7 +376,7 @@ def run_curation(cfg: CurationConfig, sources: dict[str, list[str]], out: str | 
         "seconds": round(time.perf_counter() - t_start, 3),
         "config": to_dict(cfg),
     }
-    write_json_atomic(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary
 
 

@@ -5,12 +5,12 @@ invalidates the table. Writes are atomic (temp file + ``os.replace``)."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ..atomic import atomic_path
 
 SIG_KEY = b"mobilellm_r1.signature"
 
@@ -50,15 +50,5 @@ class ScoreTable:
         table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string()),
                                                                    "key": pa.array([], pa.string())})
         table = table.replace_schema_metadata({SIG_KEY: self.signature.encode()})
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+        with atomic_path(self.path) as tmp:
+            pq.write_table(table, tmp)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+from ..atomic import write_json
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -93,9 +94,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         n += 1
     secs = time.perf_counter() - t0
     if args.state_out:
-        tmp = Path(args.state_out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(sampler.state_dict()))
-        os.replace(tmp, args.state_out)
+        write_json(args.state_out, sampler.state_dict(), indent=None)
     tokens = n * (args.seq_len + 1)
     shares = {s: c / n if n else 0.0 for s, c in per_source.items()}
     out = {"sequences": n, "tokens": tokens, "shares": shares, "target": sampler.target_shares(),
@@ -120,10 +119,8 @@ def _take(it, count):
 
 
 def cmd_build_corpus(args: argparse.Namespace) -> int:
-    from ..cli import print_json
+    from ..cli import UserError, print_json
     from .corpus import build_corpus
-
-    from ..cli import UserError
 
     sources = [s for s in (args.sources or "").split(",") if s] or None
     try:

@@ -47,6 +47,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ..atomic import write_json
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 MB = 1_000_000
@@ -757,17 +759,6 @@ SOURCES: dict[str, SourceSpec] = {s.name: s for s in [
 # Writing
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_manifest(out: str | Path) -> dict:
     path = Path(out) / MANIFEST
     if not path.is_file():
@@ -785,7 +776,7 @@ def _write_manifest(out: Path, man: dict) -> dict:
     man = {"version": MANIFEST_VERSION,
            "total_bytes": sum(e.get("bytes", 0) for e in man["sources"].values() if e.get("status") == "ok"),
            "sources": {k: man["sources"][k] for k in order if k in man["sources"]}}
-    _atomic_write_bytes(out / MANIFEST, (json.dumps(man, indent=2, ensure_ascii=False) + "\n").encode())
+    write_json(out / MANIFEST, man, indent=2)
     return man
 
 

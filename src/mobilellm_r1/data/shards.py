@@ -25,16 +25,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..atomic import write_json
 from .sources import ReadStats, iter_documents
 
 INDEX_FILE = "index.json"
 FORMAT = "mobilellm-r1-shards"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -210,7 +205,7 @@ def tokenize_sources(
                 "inputs": [str(p) for p in inputs[name]], "shards": shards, "tokens": n_tokens,
                 "docs": sum(s["n_docs"] for s in shards), "stats": stats[name].as_dict(),
             }
-            write_json_atomic(index_path, index)
+            write_json(index_path, index)
     finally:
         if pool is not None:
             pool.terminate()

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
 from ..config import Recipe
-from ..pipeline import write_text_atomic
 from .plots import plot_histograms, plot_loo, plot_losses, plot_mixtures, read_metrics
 
 
@@ -172,10 +172,10 @@ def write_report(run_dir: str | Path, recipe: Recipe, manifests: dict[str, dict[
                 "mobilellm-r1 bench CKPT --contexts 256,512,1024 --json")
 
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    write_text_atomic(md_path, "\n".join(doc.md))
+    write_text(md_path, "\n".join(doc.md))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(recipe.run.name)} report</title>"
             f"<style>{CSS}</style></head><body>{''.join(doc.html)}</body></html>")
-    write_text_atomic(html_path, page)
+    write_text(html_path, page)
     return {"html": str(html_path), "md": str(md_path), "plots": sorted(str(p) for p in plots.glob("*.png"))}
 
 

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import write_json
 from ..data.mixture import window_doc_ids
-from ..data.shards import ShardSet, write_json_atomic
+from ..data.shards import ShardSet
 
 
 def write_cache(teacher_spec: str, shards_dir: str | Path, out: str | Path, top_k: int, seq_len: int,
@@ -83,7 +84,7 @@ def write_cache(teacher_spec: str, shards_dir: str | Path, out: str | Path, top_
     meta_out = {"teacher": teacher_spec, "tokenizer": d_tok, "top_k": top_k, "seq_len": seq_len,
                 "doc_mask": doc_mask, "logp_dtype": logp_dtype, "sources": todo, "shards": str(Path(shards_dir)),
                 "tokens": done, "seconds": secs, "tokens_per_s": done / max(secs, 1e-9)}
-    write_json_atomic(out / "meta.json", meta_out)
+    write_json(out / "meta.json", meta_out)
     return meta_out
 
 

@@ -24,10 +24,11 @@ class DistInfo:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    grouped: bool = False  # a process group exists (always under torchrun, even with one rank)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.grouped
 
     @property
     def is_main(self) -> bool:
@@ -51,7 +52,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     dev = pick_device(device, local_rank)
-    if world > 1 and not dist.is_initialized():
+    # Under torchrun a group is formed even for one rank, so `--parallel fsdp` on a single GPU runs the
+    # same sharded code (and NCCL) as a multi-GPU job.
+    launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
             dist.init_process_group("nccl", device_id=dev)
@@ -59,7 +63,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
             dist.init_process_group("gloo")
     if dev.type == "cpu" and local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return DistInfo(rank, world, local_rank, local_world, dev)
+    return DistInfo(rank, world, local_rank, local_world, dev, grouped=dist.is_initialized())
 
 
 def shutdown() -> None:
