@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from mobilellm_r1.eval.grading.math import grade
+from mobilellm_r1.eval.grading.math import grade, has_boxed_answer
 from mobilellm_r1.eval.runner import EvalConfig, run_eval, summarize
 from mobilellm_r1.eval.tasks.base import TaskDataError
 
@@ -43,7 +43,9 @@ def test_gsm8k_chat_run_writes_records_and_resumes(smollm2, tmp_path):
     for r in recs:
         assert r["completion"].strip() and r["new_tokens"] > 0
         assert r["correct"] == grade(r["completion"], gold[r["id"]])["correct"]  # the verdict is the grader's
+        assert r["boxed"] == has_boxed_answer(r["completion"])
     assert res["pass@1"] == pytest.approx(sum(r["correct"] for r in recs) / 3)
+    assert res["format_rate"] == pytest.approx(sum(r["boxed"] for r in recs) / 3)
     lo, hi = res["ci95"]
     assert 0.0 <= lo <= res["pass@1"] <= hi <= 1.0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["pass@1"] == res["pass@1"]
@@ -56,6 +58,16 @@ def test_several_samples_per_problem_average_per_problem():
             {"id": "b", "correct": True}]
     s = summarize(recs, 2)
     assert s["pass@1"] == pytest.approx(0.75) and s["n"] == 2 and s["samples"] == 4
+    assert s["format_rate"] is None  # no format field (code tasks, old samples): no rate, not 0
+    boxed = [dict(r, boxed=b) for r, b in zip(recs, (True, False, False, False))]
+    assert summarize(boxed, 2)["format_rate"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("text,boxed", [("so \\boxed{42}.", True), ("\\fbox{x+1}", True), ("\\boxed 7", True),
+                                        ("\\boxed{}", False), ("\\boxed{4", False), ("The answer is 42.", False),
+                                        ("\n\n\n", False)])
+def test_has_boxed_answer(text, boxed):
+    assert has_boxed_answer(text) is boxed
 
 
 def test_task_file_with_a_missing_field_names_line_and_field(smollm2, tmp_path):

@@ -260,7 +260,46 @@ def test_group_advantages_and_clipped_loss():
     assert lp[0].grad[0] == 0 and lp[0].grad[1] == pytest.approx(-0.5)
 
 
-@pytest.mark.slow  # ~60 s idle, 200 s on a loaded 2-core machine
+def test_grpo_raises_reward_on_a_toy_task_fast(tmp_path):
+    """The default-suite version of the reward-rise check: a 300-id BPE trained here (real HF tokenizers,
+    ChatML chat format) keeps the output head tiny, so SFT + 30 GRPO steps take ~15 s on one thread.
+    After SFT the model answers \\boxed{d} with d roughly uniform; our math grader against gold 7 gives a
+    reward of ~0.1, and GRPO must lift the mean of the last 5 steps well above the first 5 (seeded:
+    run seed 0 measured 0.125 -> 0.89; seeds 1 and 2 of the same set-up 0.11 -> 0.93 and 0.13 -> 0.83)."""
+    from mobilellm_r1.posttrain.grpo import GRPOOptions, train_grpo
+    from mobilellm_r1.tokenizer import train_bpe
+    from mobilellm_r1.train.loop import TrainOptions, train_stage
+
+    tok = train_bpe([f"Pick a digit. \\boxed{{{i % 10}}} The answer is {i}." for i in range(200)],
+                    tmp_path / "bpe", vocab_size=300, name="toy")
+    sft = tmp_path / "digits.jsonl"
+    sft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "Pick a digit."},
+                                                    {"role": "assistant", "content": f"\\boxed{{{i % 10}}}"}]}) + "\n"
+                           for i in range(100)))
+    prompts = tmp_path / "prompts.jsonl"
+    long_prompt = {"messages": [{"role": "user", "content": "Pick a digit. " * 40}], "answer": "7"}
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"messages": [{"role": "user", "content": "Pick a digit."}], "answer": "7"}, long_prompt)))
+    model = {"preset": "micro", "dim": 64, "n_layers": 2, "ffn_dim": 192, "vocab_size": tok.vocab_size,
+             "bos_id": tok.bos_id, "eos_ids": tok.eos_ids, "pad_id": tok.pad_id}
+    rec = recipe_from_dict({
+        "run": {"name": "toy", "seed": 0}, "model": model,
+        "data": {"tokenizer": str(tmp_path / "bpe"), "sources": [{"name": "digits", "paths": [str(sft)]},
+                                                                 {"name": "prompts", "paths": [str(prompts)]}]},
+        "stages": {"sft": {"kind": "sft", "steps": 80, "seq_len": 64, "micro_batch_size": 16, "lr": 3e-3,
+                           "warmup_steps": 2, "weight_decay": 0.0, "datasets": ["digits"], "system_prompt": "none"},
+                   "grpo": {"kind": "grpo", "steps": 30, "seq_len": 64, "lr": 1e-3, "micro_batch_size": 64,
+                            "init_from": "sft", "schedule": "constant", "weight_decay": 0.0, "datasets": ["prompts"],
+                            "grpo": {"prompts_per_step": 8, "group_size": 8, "max_new_tokens": 10,
+                                     "max_prompt_tokens": 32}}}}, "toy")
+    train_stage(rec, "sft", TrainOptions(out=str(tmp_path / "sft"), progress=False))
+    res = train_grpo(rec, "grpo", GRPOOptions(out=str(tmp_path / "grpo"), progress=False))
+    r = res["reward_mean"]
+    assert len(r) == 30 and np.mean(r[:5]) < 0.3 and np.mean(r[-5:]) > np.mean(r[:5]) + 0.4, r
+    assert res["prompt_data"] == {"rows": 2, "prompts": 1, "too_long": 1}  # over max_prompt_tokens: counted
+
+
+@pytest.mark.slow  # ~60 s idle, 200 s on a loaded 2-core machine; the real 49k-id SmolLM2 tokenizer
 def test_grpo_raises_reward_on_a_toy_task(tmp_path):
     """Fixed-digit task: after a short SFT the model answers \\boxed{d} with d roughly uniform; the reward
     (our math grader against gold 7) is ~0.1 and GRPO must raise it."""

@@ -47,6 +47,9 @@ class PipelineConfig:
     eval_limit: int = 0  # examples per task (0: all)
     eval_max_new_tokens: int = 0  # 0: the task's default
     eval_batch_size: int = 8
+    # Format following (share of completions with a \\boxed{} answer) before vs after post-training: on these
+    # of eval_tasks, the base model is also asked 0-shot in the chat template; [] turns it off.
+    eval_format_tasks: list[str] = field(default_factory=lambda: ["gsm8k", "math500", "aime", "amc"])
     probe_max_tokens: int = 20000  # held-out tokens per source for the perplexity/RankMe probe
 
 

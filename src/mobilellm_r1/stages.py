@@ -200,17 +200,18 @@ def run_grpo(ctx: Context) -> dict[str, Any]:
         "metrics": str(out / "metrics.jsonl")}
 
 
-def _eval_model(ctx: Context, ckpt: str, style: str, tag: str) -> dict[str, Any]:
+def _eval_model(ctx: Context, ckpt: str, style: str, tag: str, tasks: list[str] | None = None,
+                sub: str = "") -> dict[str, Any]:
     from .eval.runner import EvalConfig, all_tasks, run_eval
     from .eval.tasks.base import TaskDataError
 
     pc = ctx.pipeline
     rows: dict[str, Any] = {}
-    tasks = all_tasks()
-    for task in pc.eval_tasks:
-        if task not in tasks:
-            raise ConfigError(f"[pipeline] eval_tasks: unknown task {task!r} (known: {', '.join(sorted(tasks))})")
-        cfg = EvalConfig(task=task, out=str(ctx.out / tag / task), limit=pc.eval_limit, style=style,
+    known = all_tasks()
+    for task in pc.eval_tasks if tasks is None else tasks:
+        if task not in known:
+            raise ConfigError(f"[pipeline] eval_tasks: unknown task {task!r} (known: {', '.join(sorted(known))})")
+        cfg = EvalConfig(task=task, out=str(ctx.out / tag / (task + sub)), limit=pc.eval_limit, style=style,
                          max_new_tokens=pc.eval_max_new_tokens, batch_size=pc.eval_batch_size,
                          progress=ctx.progress)
         try:
@@ -218,8 +219,18 @@ def _eval_model(ctx: Context, ckpt: str, style: str, tag: str) -> dict[str, Any]
         except TaskDataError as e:  # no local data for this task (a fresh clone without ../shared, offline)
             rows[task] = {"skipped": str(e)}
             continue
-        rows[task] = {k: s.get(k) for k in ("pass@1", "ci95", "n", "samples_per_s", "style", "data")}
+        rows[task] = {k: s.get(k) for k in ("pass@1", "ci95", "n", "samples_per_s", "style", "data", "format_rate")}
     return rows
+
+
+def _format_rates(ctx: Context, ckpt: str, tag: str, style: str, rows: dict[str, Any]) -> dict[str, Any]:
+    """Format following (issue 8): the share of 0-shot chat-style completions with a \\boxed{} answer on the
+    math tasks. A post-trained model's chat-style rows already hold it; a base model is asked the same
+    prompts in the chat template too (``TASK_chat/``), so before/after SFT compare like with like."""
+    tasks = [t for t in ctx.pipeline.eval_tasks if t in ctx.pipeline.eval_format_tasks]
+    if style != "chat":
+        rows = _eval_model(ctx, ckpt, "chat", tag, tasks, sub="_chat")
+    return {t: rows[t].get("format_rate") for t in tasks if "skipped" not in rows.get(t, {"skipped": 1})}
 
 
 @runner("evaluate")
@@ -228,7 +239,7 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
 
     cfg = ctx.stage.config
     models = {"base": cfg["base"], "final": cfg["final"]}
-    out: dict[str, Any] = {"models": {}, "tasks": {}, "probe": {}}
+    out: dict[str, Any] = {"models": {}, "tasks": {}, "probe": {}, "format": {}}
     seen: dict[str, str] = {}
     for tag, stage in models.items():
         if not stage:
@@ -241,6 +252,8 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
         kind = ctx.recipe.stages[stage].kind
         style = "chat" if kind in ("sft", "grpo") else "base"
         out["tasks"][tag] = _eval_model(ctx, ckpt, style, tag)
+        if ctx.pipeline.eval_format_tasks:
+            out["format"][tag] = _format_rates(ctx, ckpt, tag, style, out["tasks"][tag])
         p = probe(ckpt, shards=ctx.output("tokenize", "dir"), max_tokens=ctx.pipeline.probe_max_tokens,
                   heldout_fraction=ctx.recipe.data.heldout_fraction, rankme_samples=256)
         out["probe"][tag] = {"overall": p["overall"], "rankme": p["rankme"]["rankme"],

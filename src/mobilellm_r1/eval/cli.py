@@ -42,7 +42,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         lo, hi = res["ci95"]
         print(f"{res['task']} ({res['style']}, {res['n']} problems x {res['n_samples']} samples): "
-              f"pass@1 {res['pass@1']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
+              f"pass@1 {res['pass@1']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]" +
+              (f"  \\boxed{{}} in {res['format_rate']:.1%} of completions" if res.get("format_rate") is not None else ""))
         if res["samples_per_s"]:
             print(f"{res['samples_per_s']:.2f} samples/s, {res['tokens_per_s']:.1f} tokens/s → {res['out']}")
     return 0

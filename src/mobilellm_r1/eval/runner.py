@@ -83,8 +83,12 @@ def summarize(records: list[dict], n_examples: int) -> dict[str, Any]:
     mean = sum(scores) / n if n else 0.0
     var = sum((s - mean) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
     half = 1.96 * math.sqrt(var / n) if n else 0.0
+    # Format following (math tasks): the share of completions that give a \\boxed{} answer, as the system
+    # prompt asks; None where the task has no such format (code) or the samples predate the field.
+    boxed = [bool(r["boxed"]) for r in records if "boxed" in r]
     return {"pass@1": mean, "n": n, "n_expected": n_examples, "samples": len(records),
-            "ci95": [max(0.0, mean - half), min(1.0, mean + half)]}
+            "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
+            "format_rate": sum(boxed) / len(boxed) if boxed and len(boxed) == len(records) else None}
 
 
 def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:

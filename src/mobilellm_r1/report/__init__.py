@@ -142,6 +142,12 @@ def write_report(run_dir: str | Path, recipe: Recipe, manifests: dict[str, dict[
                 cells.append("skipped" if "skipped" in r else r.get("pass@1"))
             rows.append([f"{tag} ({ev['models'][tag]['stage']})", *cells])
         doc.table(["model", *tasks], rows)
+        fmt = ev.get("format") or {}
+        ftasks = sorted({t for r in fmt.values() for t in r})
+        if ftasks:
+            doc.h(3, "Format following: share of 0-shot chat completions with a \\boxed{} answer")
+            doc.table(["model", *ftasks], [[f"{tag} ({ev['models'][tag]['stage']})", *[r.get(t) for t in ftasks]]
+                                           for tag, r in fmt.items()])
         doc.h(3, "Perplexity on held-out data and RankMe")
         doc.table(["model", "NLL", "ppl", "RankMe"],
                   [[tag, p["overall"].get("nll"), p["overall"].get("ppl"), p.get("rankme")]

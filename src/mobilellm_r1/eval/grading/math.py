@@ -203,6 +203,12 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+def has_boxed_answer(text: str | None) -> bool:
+    """Whether ``text`` states its answer in a non-empty, closed ``\\boxed{..}`` (or ``\\fbox``): the answer
+    format the math system prompt asks for, so its share of completions is the format-following rate."""
+    return isinstance(text, str) and _last_boxed(text) is not None
+
+
 def _strip_math_delims(x: str) -> str:
     x = x.strip()
     for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):

@@ -36,9 +36,9 @@ MINERVA_EXEMPLARS = [
 
 
 def _score(completion: str, ex: Example) -> dict:
-    from ..grading.math import grade
+    from ..grading.math import grade, has_boxed_answer
 
-    return grade(completion, str(ex.gold))
+    return {**grade(completion, str(ex.gold)), "boxed": has_boxed_answer(completion)}
 
 
 def _chat(problem: str) -> Prompt:
