@@ -2,6 +2,9 @@
 files: per-sample records, resume, summaries, and bad task files."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -126,3 +129,15 @@ def test_code_tasks_grade_real_programs_in_the_sandbox(tmp_path):
     good = "Here:\n```python\nn = int(input())\nprint(sum(map(int, input().split())))\n```"
     bad = "```python\nprint(0)\n```"
     assert io.score(good, ex)["correct"] and not io.score(bad, ex)["correct"]
+
+
+def test_hub_data_offline_is_a_task_data_error():
+    """Offline (no ../shared, no network), a hub-backed task fails as a data problem the pipeline skips."""
+    code = ("from mobilellm_r1.eval.tasks.base import TaskDataError, load_examples\n"
+            "from mobilellm_r1.eval.tasks.math_tasks import TASKS\n"
+            "try:\n    load_examples(TASKS['gsm8k'], TASKS['gsm8k'].hub, limit=1)\n"
+            "except TaskDataError as e:\n    print('SKIP', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("SKIP hf:openai/gsm8k") and "--data" in res.stdout

@@ -110,4 +110,8 @@ def load_examples(task: Task, path: str | Path, limit: int = 0) -> list[Example]
 def _hub_rows(spec: str) -> Iterator[dict]:
     from ...data.sources import hf_rows  # the streaming reader tokenization uses (needs internet)
 
-    yield from hf_rows(spec)
+    try:
+        yield from hf_rows(spec)
+    except (OSError, ImportError) as e:  # offline, or no `datasets`: a data problem the caller can skip on
+        raise TaskDataError(f"{spec}: cannot be read from the hub ({type(e).__name__}: {e}); pass a local "
+                            "file with --data") from None
