@@ -463,32 +463,41 @@ class GradientFeaturizer:
         grad_h = torch.empty_like(h) if need_h else None
         per_tok = torch.empty(h.shape[0], dtype=dt, device=h.device)
         outs = []
-        dots = [torch.zeros(h.shape[0], dtype=dt, device=h.device) for _ in (head_dot or [])]
+        want_dots = grp is not None and head_dot is not None and not project and head_sum is None
+        if want_dots:  # per sample: its (V, d) head gradient, then one mat-vec for all queries
+            qs = torch.stack([q.reshape(-1) for q in head_dot])  # (C, V*d)
+            dots = torch.zeros(b, len(head_dot), dtype=dt, device=h.device)
+            g_one = torch.zeros(W.shape, dtype=dt, device=h.device)
+        buf = torch.empty(min(chunk, h.shape[0]), W.shape[0], dtype=dt, device=h.device)
+        Wd = W.to(dt)
         for i in range(0, h.shape[0], chunk):
             r = slice(i, min(i + chunk, h.shape[0]))
-            z = (h[r] @ W.t()).to(dt)
-            lse = torch.logsumexp(z, dim=-1)
-            per_tok[r] = lse - z.gather(1, safe[r, None]).squeeze(1)
-            g = torch.exp(z - lse[:, None])
-            g[torch.arange(g.shape[0], device=g.device), safe[r]] -= 1
+            hr = h[r].to(dt)
+            g = _softmax_grad_(torch.mm(hr, Wd.t(), out=buf[: hr.shape[0]]), safe[r], per_tok[r])
             g.mul_(wt[r, None])  # zero rows for IGNORE targets
             if grad_h is not None:
-                grad_h[r] = (g @ W.to(dt)).to(h.dtype)
-            if grp is not None:
-                if head_sum is not None:
-                    head_sum.addmm_(g.t(), h[r].to(dt))
-                elif project:
-                    outs.append(grp.proj_out(g))
-                elif head_dot is not None:
-                    for q, acc in zip(head_dot, dots):
-                        acc[r] = (g * (h[r].to(dt) @ q.t())).sum(-1)
-                else:
-                    outs.append(g)
-            del z, g
+                grad_h[r] = (g @ Wd).to(h.dtype)
+            if grp is None:
+                continue
+            if head_sum is not None:
+                head_sum.addmm_(g.t(), hr)
+            elif want_dots:
+                # Eq. 2's <g_x, Q> for the head: sum_t g_t (Q h_t) costs one (T x V x d) product PER QUERY;
+                # the per-sample gradient g^T h costs one in all, then C cheap dots
+                for smp in range(r.start // s, (r.stop - 1) // s + 1):
+                    lo, hi = max(r.start, smp * s), min(r.stop, (smp + 1) * s)
+                    g_one.addmm_(g[lo - i: hi - i].t(), hr[lo - i: hi - i])
+                    if hi == (smp + 1) * s:  # the sample's last row: its gradient is complete
+                        dots[smp] = qs @ g_one.view(-1)
+                        g_one.zero_()
+            elif project:
+                outs.append(grp.proj_out(g))
+            else:
+                outs.append(g.clone())
         if grp is not None and head_sum is None:
             hin = h.to(dt).view(b, s, d)
-            if head_dot is not None and not project:
-                sink(self.head_weight_name, _HeadDots([a.view(b, s).sum(1) for a in dots]))
+            if want_dots:
+                sink(self.head_weight_name, _HeadDots(list(dots.t())))
             else:
                 out = torch.cat(outs).view(b, s, -1)
                 sink(self.head_weight_name, Factor(inp=grp.proj_in(hin) if project else hin, out=out,
@@ -534,6 +543,10 @@ class GradientFeaturizer:
                 for j, v in enumerate(f.values):
                     acc[:, j] += v.cpu()
                 return
+            if f.out is not None and len(queries) > 1:  # per-sample gradient once, not one product per query
+                qs = torch.stack([q[n].to(f.inp.dtype).reshape(-1) for q in queries], 1)
+                acc.add_((f.materialise().flatten(1) @ qs).cpu())
+                return
             for j, q in enumerate(queries):
                 acc[:, j] += f.dot(q[n].to(f.inp.dtype)).cpu()
 
@@ -563,6 +576,19 @@ class GradientFeaturizer:
         if self.proj_dim <= 0:
             return torch.cat([full[n].flatten() for n in self.groups])
         return torch.cat([g.proj_full(full[n]) for n, g in self.groups.items()])
+
+
+def _softmax_grad_(z: torch.Tensor, target: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+    """Logits ``z`` ``(n, V)`` become ``softmax(z) - onehot(target)`` IN PLACE (d CE / d logits); the per-row
+    CE goes to ``ce``. In place because a fresh ``(n, V)`` buffer per chunk costs page faults on a CPU on
+    top of its arithmetic (see ``train/objectives._chunk_loss_inplace``)."""
+    m = z.amax(dim=-1, keepdim=True)
+    z_t = z.gather(1, target[:, None]).squeeze(1)
+    total = z.sub_(m).exp_().sum(dim=-1, keepdim=True)
+    ce.copy_((total.log() + m).squeeze(1) - z_t)
+    z.div_(total)
+    z[torch.arange(z.shape[0], device=z.device), target] -= 1
+    return z
 
 
 @dataclass
