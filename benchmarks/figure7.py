@@ -90,6 +90,8 @@ def markdown(table: dict[str, dict[str, float]], weights: dict[str, float], meta
         lines.append(f"| {k} | {u:.4f} | {i:.4f} | {i - u:+.4f} |")
     lines += ["", "Eq. 6 weights (influence arm; the uniform arm gives every source the same weight):", "",
               "| source | weight |", "|---|---:|"] + [f"| {s} | {w:.4f} |" for s, w in weights.items()]
+    if meta["math_sets_skipped"]:
+        lines += ["", f"Skipped (no data file): {', '.join(meta['math_sets_skipped'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -184,7 +186,11 @@ def main() -> None:
     arms = {"uniform": train("uniform", _stage(args, args.steps, uniform, str(warm))),
             "influence": train("influence_arm", _stage(args, args.steps, weights, str(warm)))}
     # 4. held-out NLL per capability
-    bench = _benchmark_texts(Path(args.benchmarks) if args.benchmarks else SHARED_BENCHMARKS, args.eval_docs)
+    bench_dir = Path(args.benchmarks) if args.benchmarks else SHARED_BENCHMARKS
+    bench = _benchmark_texts(bench_dir, args.eval_docs)
+    for name in ("gsm8k", "math500"):
+        if name not in bench:
+            print(f"note: no {bench_dir / (name + '_test.jsonl')}: math/{name} skipped (--benchmarks DIR)", file=sys.stderr)
     table = {}
     for name, path in arms.items():
         model, _ = load_any(str(path), device=args.device, dtype=torch.float32)
