@@ -141,7 +141,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shards = ShardSet(args.shards)
-    missing = [s for s in args.sources + args.probe_sources + [args.knowledge_source] if s not in shards.sources]
+    needed = args.sources + ([] if args.probes else args.probe_sources) + [args.knowledge_source]
+    missing = [s for s in needed if s not in shards.sources]
     if missing:
         raise SystemExit(f"error: {args.shards} has no source {missing[0]!r} (it has {', '.join(shards.sources)})")
     recipe = load_recipe(resolve_recipe(args.recipe))

@@ -127,7 +127,6 @@ def test_torchrun_two_ranks_equal_one_process(data, tmp_path):
     np.testing.assert_allclose([r["joint"] for r in one], [r["joint"] for r in two], rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_figure7_script_trains_both_arms_on_the_same_budget(data, tmp_path):
     """benchmarks/figure7.py end to end at a toy size: warm-up -> influence -> Eq. 6 -> two arms -> NLL table.
     An empty --benchmarks dir exercises the clean skip of GSM8K / MATH500."""
