@@ -29,3 +29,21 @@ def test_train_throughput_runs_and_both_sides_start_from_the_same_loss():
     assert len(out["losses_ours"]) == len(out["losses_hf"]) == 3
     cfg = out["config"]
     assert (cfg["preset"], cfg["seq_len"], cfg["micro_batch"], cfg["steps"]) == ("micro", 64, 2, 3)
+
+
+@pytest.mark.slow
+def test_influence_benchmark_reports_both_ratios_and_fidelity():
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "influence.py"), "--preset", "micro", "--seq-len", "32",
+                          "--samples", "4", "--batch", "2", "--probes", "2", "--check-proj-dim", "1024",
+                          "--naive-proj-params", "65536", "--json"],
+                         capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO / "src")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert {"speedup_vs_naive", "vs_train_step", "spearman_vs_exact", "spearman_projected"} <= out.keys()
+    d = out["details"]
+    assert out["speedup_vs_naive"] == pytest.approx(d["ours_samples_per_s"] / d["naive_samples_per_s"])
+    assert out["vs_train_step"] == pytest.approx(d["ours_samples_per_s"] / d["train_samples_per_s"])
+    assert out["spearman_vs_exact"] == pytest.approx(1.0)  # ours exact ranks exactly like the naive loop
+    assert d["naive_projection_timed_params"] == 65536 and d["caps"] == 3
+    assert d["breakdown_s_per_batch"]["fwd_head"] > 0 and 0 < d["flops"]["head_share_of_forward"] < 1

@@ -17,7 +17,7 @@ from mobilellm_r1.influence.features import GradientFeaturizer, ParamSelection, 
 from mobilellm_r1.influence.mixing import mix, source_rho, weights_from_rho
 from mobilellm_r1.influence.scores import InfluenceConfig, Sample, score_model, spearman
 from mobilellm_r1.model.transformer import Transformer
-from mobilellm_r1.train.objectives import IGNORE
+from mobilellm_r1.train.objectives import IGNORE, head_loss
 
 VOCAB = 49152
 SMALL = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64,
@@ -41,7 +41,8 @@ def _model(cfg=SMALL, seed=0, steps=8, rows=None, dtype=torch.float64):
         opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
         inp, tgt = pad_rows(rows[:16], 48)
         for _ in range(steps):
-            loss = F.cross_entropy(m(inp).flatten(0, 1), tgt.flatten(), ignore_index=IGNORE)
+            parts = head_loss(m(inp, return_hidden=True), m.head_weight, tgt)  # the trainer's fused head: fast
+            loss = parts.loss / parts.tokens
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -84,10 +85,13 @@ def _check(f, inputs, targets, explicit):
     assert spearman(gram.numpy()[iu], exact.numpy()[iu]) == pytest.approx(1.0)
     q = {n: torch.randn(gr.out_dim, gr.in_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
          for n, gr in f.groups.items()}
-    d, _ = f.dots(inputs, targets, [q])
-    want = explicit @ torch.cat([q[n].flatten() for n in f.groups])
-    assert ((d[:, 0] - want).abs().max() / want.abs().max()) <= 1e-4
-    assert spearman(d[:, 0].numpy(), want.numpy()) == pytest.approx(1.0)
+    q2 = {n: torch.randn_like(v) for n, v in q.items()}
+    for qs in ([q], [q, q2]):  # one query: a product per query; several: per-sample gradients once
+        d, _ = f.dots(inputs, targets, qs)
+        for j, qj in enumerate(qs):
+            want = explicit @ torch.cat([qj[n].flatten() for n in f.groups])
+            assert ((d[:, j] - want).abs().max() / want.abs().max()) <= 1e-4
+            assert spearman(d[:, j].numpy(), want.numpy()) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("sharing", [False, True])
@@ -116,24 +120,35 @@ def test_hf_llama_generic_hooks(rows):
         f = GradientFeaturizer(hf, sel)
         _check(f, inputs, targets, _explicit(hf, inputs, targets, list(f.groups), logits))
     assert "model.embed_tokens.weight" in GradientFeaturizer(hf).groups  # lm_head tied into the embedding
+    # the sketched features through the generic hooks (tied lm_head + embedding lookup in one sketch)
+    train, probe = pad_rows(rows[:16], 32), pad_rows(rows[-4:], 32)
+    f = GradientFeaturizer(hf)
+    q = f.mean_gradient([probe])
+    exact = f.dots(*train, [q])[0][:, 0].numpy()
+    fp = GradientFeaturizer(hf, proj_dim=4096)
+    proj = (fp.features(*train)[0] @ fp.project(q)).numpy()
+    assert np.corrcoef(exact, proj)[0, 1] > 0.85  # measured 0.93-0.94 over seeds 0-2 (untrained model)
 
 
-@pytest.mark.slow
 def test_projection_tracks_exact_influence(rows):
-    """8192-dim projected influence vs exact, rank correlation. Measured 0.82-0.93 over seeds on this
-    vocabulary-dominated model (see features.allocate); asserted at 0.75, the mean over two seeds at 0.8."""
-    m = _model(dataclasses.replace(SMALL, dim=64, ffn_dim=128, n_heads=4, n_kv_heads=2), rows=rows,
+    """8192-dim sketched influence vs exact, rank correlation >= 0.95 on every seed (issue 7). Measured
+    0.992-0.9996 over seeds 0-5 with the TensorSketch; LoGra's Kronecker Gaussian gave 0.82-0.93 here."""
+    m = _model(dataclasses.replace(SMALL, dim=64, ffn_dim=128, n_heads=4, n_kv_heads=2), rows=rows, steps=4,
                dtype=torch.float32)
     train, probe = pad_rows(rows[:32], 48), pad_rows(rows[-8:], 48)
+    f = GradientFeaturizer(m)
+    q = f.mean_gradient([probe])
+    exact = f.dots(*train, [q])[0][:, 0].numpy()
+    assert np.std(exact) > 0
     sps = []
-    for seed in range(2):
+    for seed in range(3):
         f = GradientFeaturizer(m, proj_dim=8192, seed=seed, calibrate=probe)
         assert 7000 <= f.dim <= 8400
-        q = f.mean_gradient([probe])
-        exact, _ = f.dots(*train, [q])
         feats, _ = f.features(*train)
-        sps.append(spearman(exact[:, 0].numpy(), (feats @ f.project(q)).numpy()))
-    assert min(sps) >= 0.75 and np.mean(sps) >= 0.8, sps
+        sps.append(spearman(exact, (feats @ f.project(q)).numpy()))
+    assert min(sps) >= 0.95, sps
+    # a different seed is a different sketch (the check above is not one lucky draw repeated)
+    assert len(set(np.round(sps, 6))) == 3, sps
 
 
 def test_first_order_prediction_matches_one_sgd_step(rows):
@@ -197,10 +212,13 @@ def test_adam_preconditioner_divides_the_probe_gradient_by_sqrt_v(rows):
     h = torch.cat([(v[n].sqrt() + 1e-8).flatten() for n in f.groups])
     want = (g @ (q / h)).numpy()
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
-    # the projected path preconditions the same probe side
+    # the projected path preconditions the same probe side: against the exact scorer on 16 samples (with 4,
+    # Pearson swung between -0.6 and 0.9 over sketch seeds for any projection; 16 gave 0.98-0.997)
+    samples = [Sample("s", i, r[:41]) for i, r in enumerate(rows[8:24])]
+    exact = score_model(m, samples, {"code": probe}, cfg, lr=1.0, adam_v=v, eps=1e-8)[:, 0]
     cfgp = InfluenceConfig(seq_len=40, batch_size=4, preconditioner="adam", proj_dim=8192)
     proj = score_model(m, samples, {"code": probe}, cfgp, lr=1.0, adam_v=v, eps=1e-8)[:, 0]
-    assert np.corrcoef(proj, want)[0, 1] > 0.5
+    assert np.corrcoef(proj, exact)[0, 1] > 0.9
 
 
 def test_datainf_runs_on_projected_features(rows):

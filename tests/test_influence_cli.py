@@ -125,3 +125,28 @@ def test_torchrun_two_ranks_equal_one_process(data, tmp_path):
     two = [json.loads(x) for x in (tmp_path / "two" / "scores.jsonl").read_text().splitlines()]
     assert [(r["source"], r["index"]) for r in one] == [(r["source"], r["index"]) for r in two]
     np.testing.assert_allclose([r["joint"] for r in one], [r["joint"] for r in two], rtol=1e-4)
+
+
+def test_figure7_script_trains_both_arms_on_the_same_budget(data, tmp_path):
+    """benchmarks/figure7.py end to end at a toy size: warm-up -> influence -> Eq. 6 -> two arms -> NLL table.
+    An empty --benchmarks dir exercises the clean skip of GSM8K / MATH500."""
+    root, recipe, ckpt, probes = data
+    (tmp_path / "bench").mkdir()
+    args = [sys.executable, str(REPO / "benchmarks" / "figure7.py"), "--shards", str(root / "shards"),
+            "--out", str(tmp_path / "f7"), "--sources", "code", "mail", "--probes", str(probes),
+            "--knowledge-source", "mail", "--warmup-steps", "2", "--checkpoints", "2", "--steps", "2",
+            "--batch", "2", "--seq-len", "32", "--train-samples", "2", "--probe-samples", "2", "--eval-docs", "2",
+            "--knowledge-tokens", "64", "--heldout-fraction", "0.1", "--benchmarks", str(tmp_path / "bench"), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert set(out["nll"]) == {"uniform", "influence"}
+    assert set(out["nll"]["uniform"]) == {"code/humaneval", "knowledge/mail_heldout"}
+    assert out["meta"]["math_sets_skipped"] == ["gsm8k", "math500"]
+    assert all(np.isfinite(v) and v > 0 for arm in out["nll"].values() for v in arm.values())
+    assert sum(out["weights"].values()) == pytest.approx(1.0) and set(out["weights"]) == {"code", "mail"}
+    for arm in ("uniform", "influence_arm"):  # the same token budget: the same number of steps
+        state = json.loads((tmp_path / "f7" / arm / "final" / "trainer_state.json").read_text())
+        assert state["step"] == 2
+    assert (tmp_path / "f7" / "figure7.md").read_text().count("|") > 10
