@@ -126,13 +126,20 @@ def main() -> None:
 
     import torch
 
+    from mobilellm_r1.atomic import write_json, write_text
     from mobilellm_r1.config import load_recipe, model_preset, resolve_recipe
     from mobilellm_r1.data.shards import ShardSet
     from mobilellm_r1.eval.runner import SHARED_BENCHMARKS
-    from mobilellm_r1.influence.loo import write_json
     from mobilellm_r1.influence.mixing import mix
-    from mobilellm_r1.influence.scores import (InfluenceConfig, load_probes, read_scores, resolve_checkpoints,
-                                               score_checkpoints, shard_samples, write_scores)
+    from mobilellm_r1.influence.scores import (
+        InfluenceConfig,
+        load_probes,
+        read_scores,
+        resolve_checkpoints,
+        score_checkpoints,
+        shard_samples,
+        write_scores,
+    )
     from mobilellm_r1.model.gguf import load_any
     from mobilellm_r1.tokenizer import load_tokenizer
     from mobilellm_r1.train.loop import TrainOptions, train_stage
@@ -208,9 +215,7 @@ def main() -> None:
            "weights": weights, "rho": mixed["rho"], "clamped": mixed["clamped"], "meta": meta}
     write_json(out / "figure7.json", res)
     md = markdown(table, weights, meta)
-    tmp = out / ".figure7.md.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, out / "figure7.md")
+    write_text(out / "figure7.md", md)
     print(json.dumps(res, indent=2) if args.json else md)
 
 

@@ -70,3 +70,17 @@ def test_adding_a_source_keeps_others_and_rejects_other_tokenizer(tmp_path):
 def test_missing_input_fails_cleanly(tmp_path):
     res = run_cli("data", "tokenize", "--input", tmp_path / "nope.jsonl", "--out", tmp_path / "s", check=False)
     assert res.returncode == 2 and "input not found" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_max_docs_keeps_the_first_documents_of_each_source(tmp_path):
+    texts = [f"Document number {i} of the web source." for i in range(7)]
+    _write(tmp_path / "web.jsonl", texts)
+    _write(tmp_path / "math.jsonl", ["1 + 1 = 2", "2 + 2 = 4"])
+    index = tokenize_sources({"web": [str(tmp_path / "web.jsonl")], "math": [str(tmp_path / "math.jsonl")]},
+                             tmp_path / "shards", TokenizeOptions(tokenizer="llama3", workers=1, progress=False,
+                                                                 max_docs=3))
+    assert index["sources"]["web"]["docs"] == 3 and index["sources"]["math"]["docs"] == 2
+    assert index["sources"]["web"]["max_docs"] == 3
+    tok = load_tokenizer("llama3")
+    ss = ShardSet(tmp_path / "shards")
+    assert ss.tokens("web", 0, ss.n_tokens("web")).tolist() == [i for t in texts[:3] for i in tok.encode(t, bos=True, eos=True)]

@@ -46,8 +46,15 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_json(path: str | Path, obj: Any, indent: int | None = 1, default: Any = None) -> Path:
-    """JSON with non-ASCII kept as is; ``default`` as in ``json.dumps`` (e.g. ``str`` for paths)."""
+def jsonable(x: Any) -> Any:
+    """``json.dumps``'s fallback: numpy numbers and arrays as Python values, anything else (paths, ...) as text."""
+    if hasattr(x, "tolist") and callable(x.tolist):  # numpy scalars/arrays (and tensors)
+        return x.tolist()
+    return str(x)
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 1, default: Any = jsonable) -> Path:
+    """JSON with non-ASCII kept as is."""
     return write_text(path, json.dumps(obj, indent=indent, default=default, ensure_ascii=False) + "\n")
 
 

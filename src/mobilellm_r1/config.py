@@ -116,6 +116,8 @@ class DataConfig:
     shards_dir: str = ""  # token shards of the sources (``mobilellm-r1 data tokenize``); relative to the recipe's run dir
     # Fraction of every source's chunks reserved for held-out loss (never trained on, in every stage).
     heldout_fraction: float = 0.0
+    # Tokenize at most this many documents of each source (0: all); a CPU-scale run trains on ~0.1M tokens.
+    max_docs_per_source: int = 0
     sources: list[SourceConfig] = field(default_factory=list)
 
     def source(self, name: str) -> SourceConfig:

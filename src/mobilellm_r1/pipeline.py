@@ -228,7 +228,7 @@ def run_pipeline(recipe: Recipe, opts: RunOptions) -> dict[str, Any]:
             manifest = {"stage": st.name, "kind": st.kind, "status": "done", "key": key,
                         "run_id": uuid.uuid4().hex[:12], "deps": {d: upstream[d]["run_id"] for d in st.deps},
                         "config": st.config, "outputs": outputs, "seconds": secs, "finished": time.time()}
-            write_json(ctx.out / MANIFEST, manifest, indent=2, default=str)
+            write_json(ctx.out / MANIFEST, manifest, indent=2)
             upstream[st.name] = manifest
             done.append({"stage": st.name, "status": "ran", "seconds": secs})
             log(f"[{st.name}] done in {secs:.1f}s")

@@ -41,9 +41,12 @@ def run_tokenize(ctx: Context) -> dict[str, Any]:
     inputs = {n: p for n, p in source_inputs(recipe, Path(ctx.output("corpus", "dir"))).items()
               if n in mixed or not mixed}
     have = read_index(out)["sources"] if (out / INDEX_FILE).is_file() else {}
-    todo = {n: p for n, p in inputs.items() if n not in have or have[n]["inputs"] != p}
+    cap = recipe.data.max_docs_per_source
+    todo = {n: p for n, p in inputs.items()
+            if n not in have or have[n]["inputs"] != p or have[n].get("max_docs", 0) != cap}
     if todo:
-        tokenize_sources(todo, out, TokenizeOptions(tokenizer=recipe.data.tokenizer, progress=ctx.progress))
+        tokenize_sources(todo, out, TokenizeOptions(tokenizer=recipe.data.tokenizer, progress=ctx.progress,
+                                                    max_docs=cap))
     shards = ShardSet(out)
     return {"dir": str(out.resolve()), "tokenizer": shards.index["tokenizer"],
             "tokens": {n: shards.n_tokens(n) for n in shards.sources},
@@ -93,7 +96,8 @@ def run_mix(ctx: Context) -> dict[str, Any]:
     the ``from`` stage, turned into mixture weights; plus the Eq. 1 leave-one-out ablations."""
     import torch
 
-    from .influence.loo import run_loo, write_json
+    from .atomic import write_json
+    from .influence.loo import run_loo
     from .influence.mixing import mix
     from .influence.scores import read_scores, resolve_checkpoints, score_checkpoints, shard_samples, write_scores
     from .model.transformer import Transformer
@@ -134,11 +138,10 @@ def run_coevolve(ctx: Context) -> dict[str, Any]:
     train, repeat; the last phase's weights become the next mid-training stage's mixture."""
     import torch
 
+    from .atomic import write_json
     from .influence.coevolve import coevolve
-    from .influence.loo import write_json
-    from .model.gguf import load_any
-
     from .influence.scores import InfluenceConfig
+    from .model.gguf import load_any
 
     target = ctx.pipeline.coevolve_for
     sources = (ctx.recipe.section("influence", InfluenceConfig).coevolve_sources

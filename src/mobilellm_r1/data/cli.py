@@ -41,6 +41,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
             raise UserError(f"input not found: {p}")
     inputs = group_inputs(args.input)
     opts = TokenizeOptions(tokenizer=args.tokenizer, workers=args.workers, text_field=args.text_field,
+                           max_docs=args.max_docs,
                            shard_tokens=args.shard_tokens, progress=not args.json and not args.quiet)
     try:
         index = tokenize_sources(inputs, args.out, opts)
@@ -151,6 +152,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = all cores)")
     p.add_argument("--text-field", default="text")
+    p.add_argument("--max-docs", type=int, default=0, help="tokenize only the first N documents of each source")
     p.add_argument("--shard-tokens", type=int, default=1 << 28)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")

@@ -41,6 +41,7 @@ class TokenizeOptions:
     shard_tokens: int = 1 << 28  # a shard closes after the batch that reaches this many tokens
     text_field: str = "text"
     progress: bool = True
+    max_docs: int = 0  # per source, the first N documents only (0: all): CPU-scale runs train on a sliver
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -73,8 +74,14 @@ def _jobs(inputs: dict[str, list[str]], opts: TokenizeOptions, stats: dict[str, 
     for name, paths in inputs.items():
         batch: list[str] = []
         size = 0
+        n = 0
         for p in paths:
+            if opts.max_docs and n >= opts.max_docs:
+                break
             for d in iter_documents(p, opts.text_field, name, stats[name]):
+                if opts.max_docs and n >= opts.max_docs:
+                    break
+                n += 1
                 batch.append(d.text)
                 size += len(d.text)
                 if len(batch) >= opts.batch_docs or size >= opts.batch_bytes:
@@ -204,6 +211,7 @@ def tokenize_sources(
             index["sources"][name] = {
                 "inputs": [str(p) for p in inputs[name]], "shards": shards, "tokens": n_tokens,
                 "docs": sum(s["n_docs"] for s in shards), "stats": stats[name].as_dict(),
+                "max_docs": opts.max_docs,
             }
             write_json(index_path, index)
     finally:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
-from .config import RUNTIMES, DeployConfig
+from .config import DeployConfig
 
 OOM = "OOM"
 

@@ -32,9 +32,7 @@ rather than written as a file that would decode wrongly. The tokenizer is embedd
 from __future__ import annotations
 
 import json
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..atomic import atomic_path, write_json
 from ..model.transformer import Transformer
 
 
@@ -204,18 +203,6 @@ def prepare_quantized_for_export(model: Transformer) -> Transformer:
 # ---------------------------------------------------------------------------------------- ExecuTorch
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def xnnpack_partitioner():
     """XNNPACK's partitioner with two export-time savings for this graph (the lowered program computes the
     same: the tests compare it with eager). Both cut work that is repeated over every node of the program.
@@ -292,11 +279,12 @@ def export_executorch(model: Transformer, out: str | Path, max_context: int, *, 
         times["to_executorch"] = time.perf_counter() - t
     summary["delegates"] = _count_delegates(edge.exported_program())
     summary["export_seconds"] = times
-    _atomic_write_bytes(out, prog.write_to_file)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        prog.write_to_file(f)
     summary["bytes"] = out.stat().st_size
     summary["fp32_bytes"] = 4 * cfg.param_count()
     summary["size_ratio"] = summary["bytes"] / summary["fp32_bytes"]
-    _atomic_write_bytes(sidecar(out), lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    write_json(sidecar(out), summary, indent=2)
     return summary
 
 
@@ -404,10 +392,8 @@ def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype:
         raise ValueError(f"GGUF export: dtype must be f32 or f16, not {dtype!r}")
     tok_fields = list(_gguf_tokenizer_fields(tokenizer_spec))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    try:
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name("mobilellm-r1")
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.dim)
@@ -428,10 +414,6 @@ def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return {"format": "gguf", "arch": "llama", "dtype": dtype, "bytes": out.stat().st_size,
             "fp32_bytes": 4 * cfg.param_count()}
 

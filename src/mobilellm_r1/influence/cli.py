@@ -138,8 +138,9 @@ def _recipe_inputs(args, cfg, recipe):
 
 
 def cmd_loo(args: argparse.Namespace) -> int:
+    from ..atomic import write_json
     from ..cli import print_json
-    from .loo import run_loo, write_json
+    from .loo import run_loo
 
     cfg, recipe = _config(args)
     shards, probes, model, held = _recipe_inputs(args, cfg, recipe)
@@ -159,9 +160,9 @@ def cmd_loo(args: argparse.Namespace) -> int:
 
 
 def cmd_coevolve(args: argparse.Namespace) -> int:
+    from ..atomic import write_json
     from ..cli import print_json
     from .coevolve import coevolve
-    from .loo import write_json
 
     cfg, recipe = _config(args)
     shards, probes, model, _ = _recipe_inputs(args, cfg, recipe)

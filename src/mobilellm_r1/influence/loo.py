@@ -13,13 +13,9 @@ few dozen steps themselves.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 from ..train.objectives import head_loss, next_token_targets
@@ -116,18 +112,3 @@ def run_loo(model, shards, sources: list[str], probes: dict[str, list[list[int]]
     rel = {g: {c: delta[g][c] / base[c] for c in probes} for g in sources}
     return {"delta_l": delta, "delta_l_relative": rel, "runs": runs, "seconds": time.perf_counter() - t0,
             "steps": steps, "batch": batch, "seq_len": seq_len}
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_np))
-    os.replace(tmp, path)
-
-
-def _np(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)

@@ -14,9 +14,10 @@ no positive rho at all the mixture falls back to uniform and says so.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..atomic import write_text
 
 
 def source_rho(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -64,10 +65,6 @@ def mix(rows: Sequence[dict[str, Any]], out: str | Path | None, stage: str = "mi
     w, clamped = weights_from_rho(rho, floor)
     text = mixture_toml(stage, w, rho, clamped)
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        write_text(out, text)
     return {"weights": w, "rho": rho, "clamped": clamped, "floor": floor, "stage": stage,
             "toml": text, "out": str(out) if out is not None else None}

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..atomic import write_json, write_jsonl
 from ..config import ConfigError
 from .features import GradientFeaturizer, ParamSelection, pad_rows
 
@@ -364,24 +365,18 @@ def resolve_checkpoints(specs: Sequence[str], last: int) -> list[str]:
 def write_scores(out: str | Path, samples: Sequence[Sample], scores: np.ndarray, caps: Sequence[str],
                  cfg: InfluenceConfig, extra: dict[str, Any]) -> dict[str, Any]:
     """``OUT/scores.jsonl`` (one line per sample) and ``OUT/summary.json``, each written atomically."""
-    import os
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     j = joint(scores, caps, cfg)
-    tmp = out / ".scores.jsonl.tmp"
-    with tmp.open("w") as fh:
-        for s, row, jj in zip(samples, scores, j):
-            fh.write(json.dumps({"source": s.source, "index": s.index, "tokens": s.tokens,
-                                 "influence": dict(zip(caps, map(float, row))), "joint": float(jj)}) + "\n")
-    os.replace(tmp, out / "scores.jsonl")
+    write_jsonl(out / "scores.jsonl", ({"source": s.source, "index": s.index, "tokens": s.tokens,
+                                         "influence": dict(zip(caps, map(float, row))), "joint": float(jj)}
+                                        for s, row, jj in zip(samples, scores, j)))
     from ..config import to_dict
 
     summary = {"capabilities": list(caps), "samples": len(samples), "sources": summarize(samples, scores, caps, cfg),
                "config": to_dict(cfg), **extra}
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    write_json(out / "summary.json", summary, indent=2)
     return summary
 
 

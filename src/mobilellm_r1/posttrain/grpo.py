@@ -32,7 +32,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, GRPOConfig, Recipe

@@ -220,7 +220,6 @@ class SFTBatches:
         return self
 
     def __next__(self):
-        from ..train.loop import MicroBatch
 
         if self.pos >= self.per_epoch:
             self.epoch, self.pos = self.epoch + 1, 0
