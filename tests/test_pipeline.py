@@ -274,6 +274,7 @@ def test_micro_recipe_runs_every_stage(micro_run):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "pretrain_p1" in html and "humaneval" in html
     assert "Leave-one-out" in html and "co-evolution" in html and "Table 10" in html
+    assert "<td>executorch_8da4w</td>" in html and "<pre>| runtime" not in html  # Table 10 as real tables
     assert (out / "report_plots" / "losses.png").stat().st_size > 10_000
 
 

@@ -377,20 +377,28 @@ def _ctx(c: int) -> str:
     return f"{c // 1024}k" if c % 1024 == 0 else str(c)
 
 
-def table(results: dict[str, Any]) -> str:
-    """Markdown in the shape of the paper's Table 10: decode tokens/s per runtime (rows) and context
+GRIDS = (("decode tokens/s", "decode_tok_s", ".1f"),
+         ("fraction of bandwidth roofline", "roofline_fraction", ".2f"),
+         ("memory (MB): peak RSS of load and decode over the post-import baseline", "mem_mb", ".0f"))
+
+
+def grids(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The paper's Table 10 as ``(title, header, rows)`` grids: decode tokens/s per runtime (rows) and context
     (columns), then the same grid as a fraction of the bandwidth roofline and as peak memory."""
-    ctx = results["contexts"]
-    head = "| runtime | " + " | ".join(_ctx(c) for c in ctx) + " |\n|---|" + "---|" * len(ctx) + "\n"
+    header = ["runtime", *(_ctx(c) for c in results["contexts"])]
+    note = f" ({results['threads']} thread(s), {results['new_tokens']} new tokens)"
+    return [(title + note, header, [[rt, *(_cell(row, key, fmt) for row in r["rows"])]
+                                    for rt, r in results["runtimes"].items()])
+            for title, key, fmt in GRIDS]
+
+
+def table(results: dict[str, Any]) -> str:
+    """:func:`grids` as Markdown."""
     parts = []
-    for title, key, fmt in (("decode tokens/s", "decode_tok_s", ".1f"), ("fraction of bandwidth roofline",
-                                                                          "roofline_fraction", ".2f"),
-                            ("memory (MB): peak RSS of load and decode over the post-import baseline",
-                             "mem_mb", ".0f")):
-        lines = [f"**{title}** ({results['threads']} thread(s), {results['new_tokens']} new tokens)\n\n", head]
-        for rt, r in results["runtimes"].items():
-            lines.append(f"| {rt} | " + " | ".join(_cell(row, key, fmt) for row in r["rows"]) + " |\n")
-        parts.append("".join(lines))
+    for title, header, rows in grids(results):
+        lines = [f"**{title}**\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..atomic import write_text
 from ..config import Recipe
+from ..deploy.bench import grids
 from .plots import plot_histograms, plot_loo, plot_losses, plot_mixtures, read_metrics
 
 
@@ -126,7 +127,7 @@ def write_report(run_dir: str | Path, recipe: Recipe, manifests: dict[str, dict[
         co = manifests["coevolve"]["outputs"]
         doc.img(plot_histograms(co.get("histograms", []), plots / "coevolve.png"), "influence per co-evolution phase")
         doc.table(["phase", "samples", "positive share"],
-                  [[i, ph.get("n"), ph.get("positive_share")] for i, ph in enumerate(co.get("phases", []))])
+                  [[i, ph.get("n"), ph.get("positive_share")] for i, ph in enumerate(co.get("phases", []), 1)])
         doc.cmd(f"mobilellm-r1 coevolve --recipe {rp} --out DIR")
 
     # --- evaluation (Tables 6-7 shape)
@@ -163,10 +164,11 @@ def write_report(run_dir: str | Path, recipe: Recipe, manifests: dict[str, dict[
         doc.table(["perplexity fp32", "perplexity 8da4w", "ratio", ".pte MB", "size vs fp32"],
                   [[(acc.get("fp32") or {}).get("ppl"), (acc.get("8da4w") or {}).get("ppl"), acc.get("ppl_ratio"),
                     (ex.get("bytes") or 0) / 1e6 if ex.get("bytes") else None, ex.get("size_ratio")]])
-        table = (d.get("bench") or {}).get("table")
-        if table:
-            doc.md.append(table + "\n")
-            doc.html.append(f"<pre>{html.escape(table)}</pre>")
+        bench = d.get("bench") or {}
+        if bench.get("runtimes"):
+            for title, header, rows in grids(bench):
+                doc.h(3, title)
+                doc.table(header, rows)
         doc.cmd("mobilellm-r1 quantize CKPT --out DIR --json\n"
                 "mobilellm-r1 export CKPT --format executorch --out model.pte\n"
                 "mobilellm-r1 bench CKPT --contexts 256,512,1024 --json")

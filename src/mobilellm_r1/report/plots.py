@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -44,27 +45,42 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_losses(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path | None:
-    """One panel per stage: training loss and held-out loss against the stage's steps (GRPO: reward)."""
+    """One panel per stage: training and held-out loss against the stage's steps. A GRPO stage has no loss
+    worth plotting (its surrogate is 0 whenever a group's rewards agree), so its panel shows the paper's
+    Figure 10 curves instead: mean reward, and mean completion length on a second axis."""
     curves = {n: c for n, c in curves.items() if c}
     if not curves:
         return None
     n = len(curves)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, layout="constrained")
     for ax, (name, c) in zip(axes.flat, curves.items()):
-        for key, style in (("loss", "-"), ("heldout_loss", "o--"), ("reward_mean", "-")):
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if "reward_mean" in c:
+            xs, ys = zip(*c["reward_mean"])
+            lines = ax.plot(xs, ys, "o-", color="C2", markersize=4, label="mean reward")
+            ax.set_ylabel("reward")
+            ax.set_ylim(min(-0.05, min(ys) - 0.05), max(1.05, max(ys) + 0.05))
+            if "completion_len_mean" in c:
+                twin = ax.twinx()
+                xs, ys = zip(*c["completion_len_mean"])
+                lines += twin.plot(xs, ys, "s--", color="C4", markersize=4, label="mean completion length")
+                twin.set_ylabel("tokens")
+            ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="center right")
+            continue
+        for key, style in (("loss", "-"), ("heldout_loss", "o--")):
             if key in c:
                 xs, ys = zip(*c[key])
                 ax.plot(xs, ys, style, label=key.replace("_", " "), markersize=4)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("nats / token" if "loss" in c else "reward")
-        ax.grid(alpha=0.3)
+        ax.set_ylabel("nats / token")
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("Training curves per stage (mid-training's training loss is the KD objective)", y=1.03)
+    fig.suptitle("Training curves per stage (mid-training's training loss is the KD objective; GRPO: reward)")
     return _save(fig, path)
 
 
@@ -75,7 +91,7 @@ def plot_mixtures(mixtures: dict[str, dict[str, float]], path: Path) -> Path | N
         return None
     sources = sorted({s for m in mixtures.values() for s in m})
     width = 0.8 / len(mixtures)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(sources)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(sources)) + 2, 3.6), layout="constrained")
     for i, (name, m) in enumerate(mixtures.items()):
         total = sum(m.values()) or 1.0
         ax.bar([j + i * width for j in range(len(sources))], [m.get(s, 0.0) / total for s in sources],
@@ -83,7 +99,7 @@ def plot_mixtures(mixtures: dict[str, dict[str, float]], path: Path) -> Path | N
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sources))], sources, rotation=30, ha="right")
     ax.set_ylabel("sampling weight")
     ax.set_title("Source mixture weights")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach the top
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -94,19 +110,22 @@ def plot_loo(curves: dict[str, dict[str, list[list[float]]]], path: Path) -> Pat
     if not curves:
         return None
     caps = sorted({c for per in curves.values() for c in per})
-    fig, axes = plt.subplots(1, len(caps), figsize=(4.2 * len(caps), 3.3), squeeze=False)
+    fig, axes = plt.subplots(1, len(caps), figsize=(4.2 * len(caps) + 1.5, 3.3), squeeze=False,
+                             layout="constrained")
     for ax, cap in zip(axes[0], caps):
         for left_out, per in curves.items():
             pts = per.get(cap)
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=f"w/o {left_out}")
+                ax.plot(xs, ys, "k--" if left_out == "all" else "-",
+                        label="all sources (baseline)" if left_out == "all" else f"w/o {left_out}")
         ax.set_title(f"probe: {cap}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
         ax.set_ylabel("normalised NLL")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Leave-one-out ablations", y=1.03)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("Leave-one-out ablations")
     return _save(fig, path)
 
 
