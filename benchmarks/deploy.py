@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="1024,2048,4096")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="decode rounds per context (median reported)")
     ap.add_argument("--fill", choices=["prefill", "synthetic"], default="prefill")
     ap.add_argument("--keep", help="directory to keep the checkpoint and .pte in")
     ap.add_argument("--json", action="store_true")
@@ -48,7 +49,8 @@ def main() -> None:
     from mobilellm_r1.model.io import save_model
 
     contexts = [int(c) for c in args.contexts.split(",")]
-    cfg = DeployConfig(contexts=contexts, threads=args.threads, new_tokens=args.new_tokens, fill=args.fill)
+    cfg = DeployConfig(contexts=contexts, threads=args.threads, new_tokens=args.new_tokens, fill=args.fill,
+                       rounds=args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
         d = args.keep or tmp
         torch.manual_seed(0)

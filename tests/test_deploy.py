@@ -202,6 +202,9 @@ def test_bench_workers_measure_every_runtime(quantized_pte, tmp_path):
         for row in r["rows"]:
             assert row["status"] == "ok", row
             assert row["decode_tok_s"] > 0 and 0 < row["roofline_fraction"]
+            # three rounds over the same positions, the median reported; bandwidth measured around the cell
+            assert len(row["decode_tok_s_rounds"]) == 3 and row["decode_tok_s"] == row["decode_tok_s_rounds"][1]
+            assert row["bandwidth"] > 1e8 and row["roofline_tok_s"] == row["bandwidth"] / row["bytes_per_token"]
             # memory is what the run adds over the imported libraries, not the process (nor its parent's) peak
             assert row["baseline_rss_mb"] > 100 and row["peak_rss_mb"] == row["baseline_rss_mb"] + row["mem_mb"]
     mem = {rt: [row["mem_mb"] for row in r["rows"]] for rt, r in res["runtimes"].items()}

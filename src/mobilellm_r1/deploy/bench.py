@@ -6,7 +6,8 @@ Rows (runtimes): ``eager_fp32`` (``Transformer.forward`` with our KV cache, weig
 ``mobilellm-r1 generate`` runs) and ``executorch_8da4w`` (the exported XNNPACK ``.pte``). Columns: contexts
 (prompt + generation tokens). At context ``C`` a run fills ``C - new_tokens`` positions (a real prefill of
 random token ids, or with ``fill = "synthetic"`` a zero cache: decode cost does not depend on the cached
-values) and times ``new_tokens`` greedy decode steps.
+values) and times ``new_tokens`` greedy decode steps, ``rounds`` times over the same positions, reporting
+the median round.
 
 Runtimes run in worker processes (``python -m mobilellm_r1.deploy.bench --worker``), one for the two
 torch runtimes and one for ExecuTorch (their thread pools interfere in one process), each importing its
@@ -18,7 +19,9 @@ reported ``"OOM"``.
 
 Roofline: decoding one token reads every weight once (the head included; of the embedding only one row)
 plus the KV cache of the whole context, so ``tokens/s <= bandwidth / bytes_per_token``, with the
-bandwidth measured in the same worker at the same thread count (a streaming ``torch.sum``).
+bandwidth measured in the same worker at the same thread count (a streaming ``torch.sum``), just before
+and just after each cell (the better of the two): on a shared machine the load of neighbours drifts, and a
+bandwidth measured minutes away from the decode made the fraction swing from 0.28 to 0.54 between runs.
 """
 
 from __future__ import annotations
@@ -93,18 +96,33 @@ def predicted_peak_bytes(cfg: ModelConfig, context: int, runtime: str) -> int:
 # ------------------------------------------------------------------------------------------- worker
 
 
-def measure_bandwidth(threads: int, mb: int = 256) -> float:
-    """Streaming read bandwidth (bytes/s): best of 5 ``torch.sum`` over a buffer larger than the caches."""
+_BW_BUFFERS: dict[int, Any] = {}
+
+
+def measure_bandwidth(threads: int, mb: int = 256, repeats: int = 5) -> float:
+    """Streaming read bandwidth (bytes/s): best of ``repeats`` ``torch.sum`` over a buffer larger than the
+    caches (the fastest read of the ops tried here: ``sum`` 15.3 GB/s on one thread, ``amax`` 14.0, a numpy
+    sum 11.3, a dot product 11.5)."""
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.ones(mb * (1 << 20) // 4)
+    # one buffer per process, kept: the worker allocates it before a runtime's memory baseline, so the
+    # measurements around each cell do not show up in that cell's peak memory
+    x = _BW_BUFFERS.get(mb)
+    if x is None:
+        x = _BW_BUFFERS[mb] = torch.ones(mb * (1 << 20) // 4)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(repeats):
         t = time.perf_counter()
         x.sum().item()
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best
+
+
+def _decode_summary(times: list[float], steps: int, prefill_s: float) -> dict[str, Any]:
+    """Rounds of ``steps`` decode steps taking ``times`` seconds each -> the median round's tokens/s."""
+    rates = sorted(steps / t for t in times)
+    return {"decode_tok_s": rates[len(rates) // 2], "decode_tok_s_rounds": rates, "prefill_s": prefill_s}
 
 
 def _status_kb(field: str) -> int:
@@ -142,14 +160,14 @@ def _torch_runner(spec: dict[str, Any]):
         model.decode_layout()
 
     @torch.inference_mode()
-    def run(context: int, new: int, fill: str, prompt: list[int]) -> dict[str, float]:
+    def run(context: int, new: int, fill: str, prompt: list[int], rounds: int) -> dict[str, Any]:
         if context > model.cfg.max_seq_len:
             model.set_rope(max_seq_len=context)
             if fast:
                 model.decode_layout()
         if fast and fill == "prefill":
-            res = generate(model, [prompt], new, stop_token_ids=[])
-            return {"decode_tok_s": res.decode_tokens_per_s, "prefill_s": res.prefill_s}
+            res = [generate(model, [prompt], new, stop_token_ids=[]) for _ in range(rounds)]
+            return _decode_summary([(new - 1) / r.decode_tokens_per_s for r in res], new - 1, res[0].prefill_s)
         cache = model.new_cache(1, context)
         t0 = time.perf_counter()
         if fill == "prefill":
@@ -157,13 +175,17 @@ def _torch_runner(spec: dict[str, Any]):
         else:
             cache.length = context - new
             logits = model(torch.tensor([[prompt[-1]]]), cache=cache)[:, -1]
-        t1 = time.perf_counter()
-        nxt = logits.argmax(-1)
-        for _ in range(new - 1):
-            nxt = model(nxt[:, None], cache=cache)[:, -1].argmax(-1)
-            nxt.item()
-        t2 = time.perf_counter()
-        return {"decode_tok_s": (new - 1) / (t2 - t1), "prefill_s": t1 - t0}
+        prefill_s = time.perf_counter() - t0
+        pos, first, times = cache.length, logits.argmax(-1), []
+        for _ in range(rounds):  # each round re-decodes the same positions
+            cache.length = pos
+            nxt = first
+            t1 = time.perf_counter()
+            for _ in range(new - 1):
+                nxt = model(nxt[:, None], cache=cache)[:, -1].argmax(-1)
+                nxt.item()
+            times.append(time.perf_counter() - t1)
+        return _decode_summary(times, new - 1, prefill_s)
 
     return run, model.cfg
 
@@ -174,7 +196,7 @@ def _pte_runner(spec: dict[str, Any]):
 
     r = PteRunner(spec["model"], threads=spec["threads"])
 
-    def run(context: int, new: int, fill: str, prompt: list[int]) -> dict[str, float]:
+    def run(context: int, new: int, fill: str, prompt: list[int], rounds: int) -> dict[str, Any]:
         if context > r.max_context:
             raise ValueError(f"context {context} exceeds the exported context {r.max_context}")
         t0 = time.perf_counter()
@@ -184,12 +206,15 @@ def _pte_runner(spec: dict[str, Any]):
         else:
             pos = context - new
             logits = r.step(prompt[-1], pos - 1)
-        t1 = time.perf_counter()
-        t = int(logits.argmax())
-        for i in range(new - 1):
-            t = int(r.step(t, pos + i).argmax())
-        t2 = time.perf_counter()
-        return {"decode_tok_s": (new - 1) / (t2 - t1), "prefill_s": t1 - t0}
+        prefill_s = time.perf_counter() - t0
+        first, times = int(logits.argmax()), []
+        for _ in range(rounds):  # the static cache is overwritten at the same positions each round
+            t = first
+            t1 = time.perf_counter()
+            for i in range(new - 1):
+                t = int(r.step(t, pos + i).argmax())
+            times.append(time.perf_counter() - t1)
+        return _decode_summary(times, new - 1, prefill_s)
 
     return run, build(ModelConfig, r.meta["model"], f"{spec['model']}.json:model")
 
@@ -215,7 +240,10 @@ def _run_context(run, cfg: ModelConfig, spec: dict[str, Any], runtime: str, c: i
         return row
     prompt = torch.randint(0, cfg.vocab_size, (c - spec["new_tokens"],), generator=g).tolist()
     try:
-        row.update(run(c, spec["new_tokens"], spec["fill"], prompt))
+        before = measure_bandwidth(spec["threads"], repeats=3)
+        row.update(run(c, spec["new_tokens"], spec["fill"], prompt, spec.get("rounds", 1)))
+        # the physical limit around this cell: the better of the measurements just before and after it
+        row["bandwidth"] = max(before, measure_bandwidth(spec["threads"], repeats=3))
         row["status"] = "ok"
     except (MemoryError, torch.OutOfMemoryError):
         row["status"] = OOM
@@ -293,7 +321,7 @@ def run_worker(items: list[dict[str, Any]], cfg: DeployConfig, mcfg: ModelConfig
     if not todo_items:
         return {"bandwidth": None, "rows": rows}
     spec = {"runtimes": todo_items, "threads": cfg.threads, "new_tokens": cfg.new_tokens, "fill": cfg.fill,
-            "memory_limit": limit}
+            "rounds": cfg.rounds, "memory_limit": limit}
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "mobilellm_r1.deploy.bench", "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout)
@@ -301,10 +329,10 @@ def run_worker(items: list[dict[str, Any]], cfg: DeployConfig, mcfg: ModelConfig
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
             d = json.loads(line)
-            if "bandwidth" in d:
-                bw = d["bandwidth"]
-            else:
+            if "runtime" in d:
                 rows[d.pop("runtime")][d["context"]] = d
+            else:
+                bw = d["bandwidth"]
     for it in todo_items:  # killed (e.g. by the kernel's OOM killer) before reaching these
         for c in it["contexts"]:
             rows[it["runtime"]].setdefault(c, {"context": c, "status": OOM if proc.returncode in (-9, 137) else
@@ -355,8 +383,9 @@ def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfi
                 row["weight_bytes_per_token"] = wb
                 row["kv_bytes_per_token"] = c * kv_bytes_per_position(mcfg)
                 row["bytes_per_token"] = wb + row["kv_bytes_per_token"]
-                if row.get("status") == "ok" and r["bandwidth"]:
-                    roof = r["bandwidth"] / row["bytes_per_token"]
+                bw = row.get("bandwidth") or r["bandwidth"]
+                if row.get("status") == "ok" and bw:
+                    roof = bw / row["bytes_per_token"]
                     row["roofline_tok_s"] = roof
                     row["roofline_fraction"] = row["decode_tok_s"] / roof
             results["runtimes"][rt] = {"bandwidth": r["bandwidth"], "rows": [r["rows"][rt][c] for c in contexts]}

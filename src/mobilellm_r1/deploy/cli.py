@@ -127,8 +127,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     _quiet()
     cfg = _deploy_config(args)
-    over = {k: v for k, v in (("threads", args.threads), ("new_tokens", args.new_tokens), ("fill", args.fill))
-            if v is not None}
+    over = {k: v for k, v in (("threads", args.threads), ("new_tokens", args.new_tokens), ("fill", args.fill),
+                              ("rounds", args.rounds)) if v is not None}
     if args.runtimes:
         over["runtimes"] = args.runtimes.split(",")
     try:
@@ -198,6 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtimes", help="comma-separated subset of eager_fp32,generator_fp32,executorch_8da4w")
     p.add_argument("--threads", type=int)
     p.add_argument("--new-tokens", type=int)
+    p.add_argument("--rounds", type=int, help="decode rounds per context; the median is reported")
     p.add_argument("--fill", choices=["prefill", "synthetic"])
     p.add_argument("--recipe")
     p.add_argument("--json", action="store_true")

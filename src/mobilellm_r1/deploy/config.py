@@ -30,6 +30,10 @@ class DeployConfig:
     max_context: int = 0  # static KV-cache length of the .pte; 0: the largest of ``contexts``
     contexts: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
     new_tokens: int = 32  # decode steps timed at each context
+    # Decode rounds per context (over the same positions after one prefill; the median is reported) and
+    # the bandwidth is re-measured around each context: on a shared machine a neighbour's load drifts, so
+    # one early bandwidth figure and one decode run can land in different load regimes.
+    rounds: int = 3
     threads: int = 1  # torch / XNNPACK threads in the benchmark workers
     runtimes: list[str] = field(default_factory=lambda: ["eager_fp32", "generator_fp32", "executorch_8da4w"])
     # Decode speed does not depend on the cached values: "synthetic" starts decoding at position
@@ -49,6 +53,8 @@ class DeployConfig:
             raise ConfigError(f"deploy.embedding_bits must be 4 or 8, got {self.embedding_bits}")
         if any(c <= 0 for c in self.contexts):
             raise ConfigError(f"deploy.contexts must be positive, got {self.contexts}")
+        if self.rounds < 1:
+            raise ConfigError(f"deploy.rounds must be >= 1, got {self.rounds}")
         if self.fill not in ("prefill", "synthetic"):
             raise ConfigError(f"deploy.fill must be 'prefill' or 'synthetic', got {self.fill!r}")
         bad = [r for r in self.runtimes if r not in RUNTIMES]
