@@ -7,6 +7,7 @@ and the CLI end to end are slow tests.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from mobilellm_r1.config import ConfigError, load_recipe, model_preset, recipe_from_dict
+from mobilellm_r1.model.io import CheckpointError
 from mobilellm_r1.model.transformer import Transformer
 
 pytest.importorskip("executorch")
@@ -161,8 +163,96 @@ def test_gguf_round_trip_for_a_model_without_qk_norm(tmp_path):
     x = torch.randint(0, 49152, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(m2(x), m(x))
-    with pytest.raises(ValueError, match="no QK-norm"):
-        export_gguf(_micro(), tmp_path / "n.gguf", "smollm2")
+
+
+def _tokenizer_gguf(path, n: int) -> str:
+    """A GGUF holding only a ``gpt2``-style tokenizer of ``n`` tokens (what export_gguf embeds)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "ab", *(f"t{i}" for i in range(3, n))])
+    w.add_token_types([1] * n)
+    w.add_token_merges(["a b"])  # llama.cpp refuses a BPE vocabulary without merges
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_gguf_qk_norm_model_exports_as_qwen3_and_round_trips(tmp_path):
+    import gguf
+
+    from mobilellm_r1.model.gguf import load_gguf, to_half_split, to_interleaved
+
+    m = _micro(n_layers=2, vocab_size=512)
+    assert m.cfg.qk_norm
+    tok = _tokenizer_gguf(tmp_path / "tok.gguf", 512)
+    x = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(x)
+    f32 = export_gguf(m, tmp_path / "m.gguf", tok, dtype="f32")
+    assert f32["arch"] == "qwen3"
+    m2, meta = load_gguf(tmp_path / "m.gguf")
+    assert meta["arch"] == "qwen3" and m2.cfg.qk_norm and m2.cfg.n_kv_heads == m.cfg.n_kv_heads
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), ref)  # half-split q/k rows and unit norms read back exactly
+    # the stored rows really are half-split: the file's q rows are not ours
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    q0 = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight")
+    stored = torch.from_numpy(q0.data.copy()).reshape(m.cfg.n_heads * m.cfg.head_dim, m.cfg.dim)
+    ours = m.layers[0].self_attn.q_proj.weight.detach()
+    assert not torch.equal(stored, ours) and torch.equal(stored[1], ours[2]) and torch.equal(stored[32], ours[1])
+
+    q4 = export_gguf(m, tmp_path / "q.gguf", tok, dtype="q4_0")
+    assert q4["bytes"] < 0.2 * f32["bytes"]  # 4.5 bits per weight, embedding included
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["blk.1.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["blk.1.attn_q_norm.weight"] == gguf.GGMLQuantizationType.F32
+    mq, _ = load_gguf(tmp_path / "q.gguf")
+    for ours, back in ((m.embed_tokens.weight, mq.embed_tokens.weight),
+                       (m.layers[1].self_attn.k_proj.weight, mq.layers[1].self_attn.k_proj.weight)):
+        a = ours.detach().numpy()  # the embedding as is; k rows permuted both ways around the quantizer
+        if ours.shape[0] != 512:
+            a = to_half_split(ours.detach(), m.cfg.n_kv_heads).numpy()
+        deq = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q4_0),
+                                                      gguf.GGMLQuantizationType.Q4_0).reshape(a.shape))
+        if ours.shape[0] != 512:
+            deq = to_interleaved(deq, m.cfg.n_kv_heads)
+        assert torch.equal(back.detach(), deq)
+    with torch.no_grad():  # 4-bit noise on a random-init model (the trained tiny model: cosine 0.99993)
+        assert _cos(mq(x), ref) > 0.95
+
+    with pytest.raises(ValueError, match="has 300 tokens but the model's vocabulary is 512"):
+        export_gguf(m, tmp_path / "bad.gguf", _tokenizer_gguf(tmp_path / "t300.gguf", 300))
+    # a qwen3 file with learned QK-norm weights (a real Qwen3) is refused, not silently normalised away
+    rw = gguf.GGUFReader(tmp_path / "m.gguf", "r+")
+    next(t for t in rw.tensors if t.name == "blk.1.attn_k_norm.weight").data[:] = 0.5
+    rw.data.flush()
+    del rw
+    with pytest.raises(CheckpointError, match="learned QK-norm weights"):
+        load_gguf(tmp_path / "m.gguf")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_gguf_qwen3_export_matches_llama_cpp(tmp_path):
+    """The qwen3 mapping checked against llama.cpp itself (optional: ``pip install llama-cpp-python``)."""
+    import llama_cpp
+
+    m = _micro(n_layers=2, vocab_size=512)
+    export_gguf(m, tmp_path / "m.gguf", _tokenizer_gguf(tmp_path / "tok.gguf", 512), dtype="f32")
+    ids = torch.randint(2, 512, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, logits_all=True,
+                          verbose=False)
+    llm.eval(ids)
+    got = torch.tensor(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ref = m(torch.tensor([ids]))[0]
+    assert (got - ref).abs().max() < 1e-3 * ref.abs().max(), (got - ref).abs().max()
 
 
 # ----------------------------------------------------------------------------------- config and bench

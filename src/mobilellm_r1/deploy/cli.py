@@ -105,7 +105,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if "quantization" in meta:
             raise UserError("GGUF export takes a float checkpoint, not a quantized one")
         try:
-            res = export_gguf(model, args.out, resolve_tokenizer_spec(args.checkpoint, meta.get("tokenizer") or ""))
+            res = export_gguf(model, args.out, resolve_tokenizer_spec(args.checkpoint, meta.get("tokenizer") or ""),
+                              dtype=args.gguf_dtype)
         except ValueError as e:
             raise UserError(str(e)) from None
         res["out"] = str(args.out)
@@ -187,6 +188,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-context", type=int, default=0, help="static KV-cache length of the .pte")
     p.add_argument("--group-size", type=int, default=0)
     p.add_argument("--fp32", action="store_true", help="executorch: do not quantize")
+    p.add_argument("--gguf-dtype", choices=["f32", "f16", "q8_0", "q4_0"], default="q4_0",
+                   help="gguf: tensor type of the matrices (q4_0: 4-bit groups of 32, the paper's scheme)")
     p.add_argument("--recipe")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)

@@ -23,10 +23,10 @@ bindings here did not share its cache with ``forward``.) :class:`PteRunner` load
 
 GGUF
 ----
-llama.cpp's ``llama`` architecture has no QK-norm. Models
-with ``qk_norm = false`` are written as ``llama`` GGUF (float32 or float16 tensors); our default architecture (QK-norm on) is refused with an error saying so,
-rather than written as a file that would decode wrongly. The tokenizer is embedded from a GGUF tokenizer
-(``smollm2`` or a ``.gguf``); RoPE needs no permutation (llama.cpp's normal RoPE is interleaved, like ours).
+:func:`export_gguf`: models without QK-norm as llama.cpp's ``llama`` architecture, our default QK-norm
+decoder as ``qwen3`` (unit norm weights, half-split q/k rows); f32, f16, q8_0 or q4_0 (the paper's 4-bit
+group-32 scheme in llama.cpp's terms). The tokenizer is embedded from a GGUF tokenizer (``smollm2`` or a
+``.gguf``).
 """
 
 from __future__ import annotations
@@ -374,48 +374,85 @@ def _gguf_tokenizer_fields(spec: str):
             yield name, f.contents(), f.types[0], sub
 
 
-def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype: str = "f32") -> dict[str, Any]:
-    """Write a llama-architecture GGUF (float32/float16 tensors) with the tokenizer of ``tokenizer_spec``
-    embedded. llama.cpp's normal RoPE rotates interleaved pairs like ours, so q/k rows are stored as they
-    are (see :mod:`mobilellm_r1.model.gguf`). Refuses QK-norm and weight-sharing models, naming why."""
-    import gguf
+GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
 
-    from ..model.gguf import gguf_name
+
+def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype: str = "f32") -> dict[str, Any]:
+    """Write a GGUF for llama.cpp with the tokenizer of ``tokenizer_spec`` embedded. Returns a summary.
+
+    Architecture. A model without QK-norm is written as ``llama``: llama.cpp's normal RoPE rotates
+    interleaved pairs like ours, so q/k rows are stored as they are (see :mod:`mobilellm_r1.model.gguf`).
+    Our QK-norm decoder is written as ``qwen3``, llama.cpp's decoder with a per-head RMSNorm on q and k:
+    unit norm weights (ours is weightless), and q/k rows permuted to half-split order because qwen3 uses
+    NEOX RoPE. qwen3 normalises *before* RoPE and we after; with no weight the two agree, since RoPE is a
+    rotation and keeps each head's RMS.
+
+    ``dtype``: ``f32`` / ``f16`` matrices, or ``q8_0`` / ``q4_0`` block quantization of every matrix, the
+    embedding included (norms stay f32). ``q4_0`` is the paper's scheme in llama.cpp's terms: 4-bit
+    symmetric weights in groups of 32 with a scale each, the tied embedding 4-bit group 32 too, and
+    activations quantized to 8 bits at run time (per 32-value block rather than per token).
+    Refuses weight sharing, and a tokenizer whose size is not the model's vocabulary."""
+    import gguf
+    import numpy as np
+
+    from ..model.gguf import gguf_name, to_half_split
 
     cfg = model.cfg
-    if cfg.qk_norm:
-        raise ValueError("GGUF export: llama.cpp's 'llama' architecture has no QK-norm, and this model uses "
-                         "it (qk_norm = true); the file would decode wrongly. Use --format executorch or hf.")
     if cfg.weight_sharing:
         raise ValueError("GGUF export: weight sharing is not supported; export to hf (which unrolls it) instead")
-    if dtype not in ("f32", "f16"):
-        raise ValueError(f"GGUF export: dtype must be f32 or f16, not {dtype!r}")
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"GGUF export: dtype must be one of {', '.join(GGUF_DTYPES)}, not {dtype!r}")
     tok_fields = list(_gguf_tokenizer_fields(tokenizer_spec))
+    n_tok = next((len(v) for k, v, _, _ in tok_fields if k == "tokenizer.ggml.tokens"), None)
+    if n_tok is not None and n_tok != cfg.vocab_size:
+        raise ValueError(f"GGUF export: the tokenizer {tokenizer_spec!r} has {n_tok} tokens but the model's "
+                         f"vocabulary is {cfg.vocab_size}; llama.cpp needs them equal")
+    arch = "qwen3" if cfg.qk_norm else "llama"
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     out = Path(out)
     with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "llama")
+        w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name("mobilellm-r1")
+        w.add_file_type(ftype)
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.dim)
         w.add_block_count(cfg.n_layers)
         w.add_feed_forward_length(cfg.ffn_dim)
         w.add_head_count(cfg.n_heads)
         w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_vocab_size(cfg.vocab_size)
         for key, val, vtype, sub in tok_fields:
             w.add_key_value(key, val, vtype, sub)
+        unit = np.ones(cfg.head_dim, dtype=np.float32)
         for name, p in model.named_parameters():
-            a = p.detach().float().cpu().numpy()
-            w.add_tensor(gguf_name(name), a if p.dim() == 1 or dtype == "f32" else a.astype("float16"))
+            t = p.detach().float().cpu()
+            if cfg.qk_norm and name.endswith(("q_proj.weight", "k_proj.weight")):
+                t = to_half_split(t, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads)
+            a, g = np.ascontiguousarray(t.numpy()), gguf_name(name)
+            if a.ndim == 1 or dtype == "f32":
+                w.add_tensor(g, a)
+            elif dtype == "f16":
+                w.add_tensor(g, a.astype(np.float16))
+            else:
+                w.add_tensor(g, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+            if cfg.qk_norm and name.endswith("q_proj.weight"):
+                w.add_tensor(g.replace("attn_q.", "attn_q_norm."), unit)
+                w.add_tensor(g.replace("attn_q.", "attn_k_norm."), unit)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    return {"format": "gguf", "arch": "llama", "dtype": dtype, "bytes": out.stat().st_size,
-            "fp32_bytes": 4 * cfg.param_count()}
+    size = out.stat().st_size
+    return {"format": "gguf", "arch": arch, "dtype": dtype, "bytes": size, "fp32_bytes": 4 * cfg.param_count(),
+            "size_ratio": size / (4 * cfg.param_count())}
 
 
 __all__ = ["PackedEmbedding", "PteRunner", "StaticCacheLM", "export_executorch", "export_gguf",

@@ -1,5 +1,5 @@
-"""Load a llama-architecture GGUF (llama.cpp's format) into our :class:`Transformer`, and one entry point
-for any model a user names (:func:`load_any`).
+"""Load a llama-architecture GGUF (llama.cpp's format; also the qwen3 form our QK-norm models export to)
+into our :class:`Transformer`, and one entry point for any model a user names (:func:`load_any`).
 
 The offline SmolLM2-135M-Instruct GGUF (``assets.smollm2_gguf()``, Q4_1 with a Q8_0 embedding) is the main
 user: a real small LM that can act as teacher, scorer or answer writer on this CPU.
@@ -20,7 +20,13 @@ rows are already in our convention and are loaded as they are: **no un-permuting
 with :func:`to_half_split` gives HF's row order, which under our RoPE is wrong; the tests check both
 numerically: the perplexity of English text is low with the stored order and much higher un-permuted.)
 
-Config. From the ``llama.*`` metadata; ``qk_norm`` is off (plain llama has none); the vocabulary is the
+QK-norm (``qwen3``). llama.cpp's ``llama`` architecture has no QK-norm; its ``qwen3`` one is our decoder
+with a learned per-head RMSNorm on q and k and NEOX (half-split) RoPE. :func:`mobilellm_r1.deploy.export.
+export_gguf` writes our QK-norm models as ``qwen3`` with unit norm weights and half-split q/k rows; this
+loader reads such files back (q/k rows re-interleaved with :func:`to_interleaved`) and refuses a qwen3 file
+whose norm weights are not ones (a real Qwen3).
+
+Config. From the ``<arch>.*`` metadata; ``qk_norm`` is on exactly for ``qwen3`` (plain llama has none); the vocabulary is the
 token list's length; ``bos_id``/``pad_id`` come from ``tokenizer.ggml.*``. ``eos_ids`` is the GGUF's
 ``eos_token_id`` plus ``<|endoftext|>`` when the vocabulary has it (the document delimiter a base model
 stops at, as :mod:`mobilellm_r1.tokenizer` also treats it). Without a padding id, pad is the first eos id
@@ -54,7 +60,8 @@ _BLOCK_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen3")
+QK_NORM_NAMES = ("attn_q_norm", "attn_k_norm")  # qwen3's per-head QK-norm weights (ours is weightless)
 
 
 def gguf_name(ours: str) -> str:
@@ -69,11 +76,18 @@ def gguf_name(ours: str) -> str:
 
 
 def to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation (interleaved-pair order -> HF's half-split order) for a
-    ``(n_heads * head_dim, in)`` weight. Our decoder does *not* want this (see the module docstring); it
-    exists to prove the convention."""
+    """Interleaved-pair order -> half-split order of the q/k rows of each head, for a ``(n_heads * head_dim,
+    in)`` weight: undoes llama.cpp's llama permutation (our decoder does *not* want that, see the module
+    docstring; the tests use it to prove the convention), and lays our rows out for qwen3's NEOX RoPE."""
     out, rest = w.shape[0], w.shape[1:]
     return w.reshape(n_heads, out // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of :func:`to_half_split`: HF's (and llama.cpp's NEOX RoPE's) half-split row order ->
+    our interleaved-pair order, per head."""
+    out, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_heads, 2, out // n_heads // 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
 def _fields(reader) -> dict[str, Any]:
@@ -90,7 +104,8 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], where: str) -
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise CheckpointError(f"{where}: GGUF architecture {arch!r} is not supported "
-                              f"(only {', '.join(SUPPORTED_ARCHS)}: a plain llama decoder)")
+                              f"(only {', '.join(SUPPORTED_ARCHS)}: a plain llama decoder, or qwen3 as "
+                              f"`mobilellm-r1 export --format gguf` writes our QK-norm decoder)")
 
     def get(key: str, default: Any = None, required: bool = False) -> Any:
         val = meta.get(f"{arch}.{key}", default)
@@ -135,7 +150,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], where: str) -
         ffn_dim=int(ffn), rope_theta=float(get("rope.freq_base") or 10000.0),
         max_seq_len=int(get("context_length") or 4096),
         norm_eps=float(get("attention.layer_norm_rms_epsilon") or 1e-5),
-        tie_embeddings="output.weight" not in tensor_names, qk_norm=False,
+        tie_embeddings="output.weight" not in tensor_names, qk_norm=arch == "qwen3",
         bos_id=-1 if bos is None else int(bos), eos_ids=eos_ids, pad_id=int(pad),
     )
 
@@ -152,6 +167,20 @@ def _dequantize(t) -> np.ndarray:
         arr = arr.copy()  # the reader's data is a read-only view of the memory-mapped file
     shape = tuple(int(d) for d in reversed(t.shape))  # ggml order is fastest-first
     return arr.reshape(shape)
+
+
+def _check_unit_qk_norm(by_name: dict[str, Any], cfg: ModelConfig, where: str) -> None:
+    """A qwen3 GGUF loads into our decoder only when its QK-norm weights are all ones (our QK-norm has no
+    weight): a real Qwen3's learned ones are refused rather than dropped."""
+    for i in range(cfg.n_layers):
+        for stem in QK_NORM_NAMES:
+            name = f"blk.{i}.{stem}.weight"
+            if name not in by_name:
+                raise CheckpointError(f"{where}: missing tensor {name!r} (expected shape [{cfg.head_dim}])")
+            w = _dequantize(by_name[name])
+            if w.shape != (cfg.head_dim,) or not np.allclose(w, 1.0):
+                raise CheckpointError(f"{where}: {name} holds learned QK-norm weights; our decoder's QK-norm "
+                                      "is weightless, so only qwen3 files with unit norms (as we export) load")
 
 
 def is_smollm2_asset(path: str | Path) -> bool:
@@ -189,9 +218,16 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu",
         model = Transformer(cfg)
     want = {gguf_name(k): tuple(p.shape) for k, p in model.named_parameters()}
     got = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in by_name.items()}
+    if cfg.qk_norm:
+        _check_unit_qk_norm(by_name, cfg, where)
+        got = {n: shape for n, shape in got.items() if n.split(".")[-2] not in QK_NORM_NAMES}
     check_tensors(want, got, where)
     state = {k: torch.from_numpy(_dequantize(by_name[gguf_name(k)])).to(device=device, dtype=dtype)
              for k, _ in model.named_parameters()}
+    if cfg.qk_norm:  # qwen3 rotates half-split pairs (NEOX RoPE); see export_gguf
+        for k in state:
+            if k.endswith(("q_proj.weight", "k_proj.weight")):
+                state[k] = to_interleaved(state[k], cfg.n_heads if "q_proj" in k else cfg.n_kv_heads)
     model.load_state_dict(state, strict=True, assign=True)
     model.set_rope()  # the tables were built on the meta device
     model.eval()
