@@ -243,7 +243,7 @@ def _run_context(run, cfg: ModelConfig, spec: dict[str, Any], runtime: str, c: i
     prompt = torch.randint(0, cfg.vocab_size, (c - spec["new_tokens"],), generator=g).tolist()
     try:
         before = measure_bandwidth(spec["threads"], repeats=3)
-        row.update(run(c, spec["new_tokens"], spec["fill"], prompt, spec.get("rounds", 1)))
+        row.update(run(c, spec["new_tokens"], spec["fill"], prompt, spec["rounds"]))
         # the physical limit around this cell: the better of the measurements just before and after it
         row["bandwidth"] = max(before, measure_bandwidth(spec["threads"], repeats=3))
         row["status"] = "ok"
@@ -387,9 +387,8 @@ def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfi
                 row["weight_bytes_per_token"] = wb
                 row["kv_bytes_per_token"] = c * kv_bytes_per_position(mcfg)
                 row["bytes_per_token"] = wb + row["kv_bytes_per_token"]
-                bw = row.get("bandwidth") or r["bandwidth"]
-                if row.get("status") == "ok" and bw:
-                    roof = bw / row["bytes_per_token"]
+                if row.get("status") == "ok":  # an ok row always carries the bandwidth measured around it
+                    roof = row["bandwidth"] / row["bytes_per_token"]
                     row["roofline_tok_s"] = roof
                     row["roofline_fraction"] = row["decode_tok_s"] / roof
             results["runtimes"][rt] = {"bandwidth": r["bandwidth"], "rows": [r["rows"][rt][c] for c in contexts]}

@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import GGUF_DTYPES
+
 
 def _deploy_config(args: argparse.Namespace):
     from ..config import load_recipe
@@ -188,7 +190,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-context", type=int, default=0, help="static KV-cache length of the .pte")
     p.add_argument("--group-size", type=int, default=0)
     p.add_argument("--fp32", action="store_true", help="executorch: do not quantize")
-    p.add_argument("--gguf-dtype", choices=["f32", "f16", "q8_0", "q4_0"], default="q4_0",
+    p.add_argument("--gguf-dtype", choices=GGUF_DTYPES, default="q4_0",
                    help="gguf: tensor type of the matrices (q4_0: 4-bit groups of 32, the paper's scheme)")
     p.add_argument("--recipe")
     p.add_argument("--json", action="store_true")

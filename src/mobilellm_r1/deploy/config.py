@@ -8,6 +8,7 @@ from ..config import ConfigError
 
 SCHEMES = ("8da4w",)
 FORMATS = ("hf", "executorch", "gguf")
+GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")  # tensor types of a GGUF's matrices (q4_0: the paper's scheme)
 # Decode runtimes the benchmark compares: plain eager PyTorch with our KV cache, our generator
 # (model/generate.py after Transformer.decode_layout), and the exported 8da4w ExecuTorch/XNNPACK program.
 RUNTIMES = ("eager_fp32", "generator_fp32", "executorch_8da4w")

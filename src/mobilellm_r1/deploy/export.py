@@ -374,9 +374,6 @@ def _gguf_tokenizer_fields(spec: str):
             yield name, f.contents(), f.types[0], sub
 
 
-GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
-
-
 def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype: str = "f32") -> dict[str, Any]:
     """Write a GGUF for llama.cpp with the tokenizer of ``tokenizer_spec`` embedded. Returns a summary.
 
@@ -395,7 +392,8 @@ def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype:
     import gguf
     import numpy as np
 
-    from ..model.gguf import gguf_name, to_half_split
+    from ..model.gguf import gguf_name, qk_heads, to_half_split
+    from .config import GGUF_DTYPES
 
     cfg = model.cfg
     if cfg.weight_sharing:
@@ -408,8 +406,6 @@ def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype:
         raise ValueError(f"GGUF export: the tokenizer {tokenizer_spec!r} has {n_tok} tokens but the model's "
                          f"vocabulary is {cfg.vocab_size}; llama.cpp needs them equal")
     arch = "qwen3" if cfg.qk_norm else "llama"
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
     out = Path(out)
@@ -434,14 +430,15 @@ def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype:
         unit = np.ones(cfg.head_dim, dtype=np.float32)
         for name, p in model.named_parameters():
             t = p.detach().float().cpu()
-            if cfg.qk_norm and name.endswith(("q_proj.weight", "k_proj.weight")):
-                t = to_half_split(t, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads)
+            if cfg.qk_norm and qk_heads(name, cfg):
+                t = to_half_split(t, qk_heads(name, cfg))
             a, g = np.ascontiguousarray(t.numpy()), gguf_name(name)
             if a.ndim == 1 or dtype == "f32":
                 w.add_tensor(g, a)
             elif dtype == "f16":
                 w.add_tensor(g, a.astype(np.float16))
             else:
+                qtype = gguf.GGMLQuantizationType[dtype.upper()]  # Q8_0 / Q4_0
                 w.add_tensor(g, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
             if cfg.qk_norm and name.endswith("q_proj.weight"):
                 w.add_tensor(g.replace("attn_q.", "attn_q_norm."), unit)
@@ -450,9 +447,9 @@ def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    size = out.stat().st_size
-    return {"format": "gguf", "arch": arch, "dtype": dtype, "bytes": size, "fp32_bytes": 4 * cfg.param_count(),
-            "size_ratio": size / (4 * cfg.param_count())}
+    size, fp32 = out.stat().st_size, 4 * cfg.param_count()
+    return {"format": "gguf", "arch": arch, "dtype": dtype, "bytes": size, "fp32_bytes": fp32,
+            "size_ratio": size / fp32}
 
 
 __all__ = ["PackedEmbedding", "PteRunner", "StaticCacheLM", "export_executorch", "export_gguf",

@@ -222,26 +222,6 @@ class _Group:
     def dim(self) -> int:
         return self.sketch.dim if self.sketch is not None else self.out_dim * self.in_dim
 
-    def proj_in(self, x: torch.Tensor) -> torch.Tensor:
-        """The in side ``(..., in)`` sketched: ``(..., D)``."""
-        return self.sketch.cols(x)
-
-    def proj_out(self, x: torch.Tensor) -> torch.Tensor:
-        """The out side ``(..., out)`` sketched: ``(..., D)``."""
-        return self.sketch.rows(x)
-
-    def outer(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        """Sketched sides ``(B, T, D)`` -> per-sample features ``(B, D)``."""
-        return self.sketch.outer(out, inp)
-
-    def one_hot_rows(self, ids: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        """Features ``(B, D)`` of an embedding lookup's factor ``sum_t onehot(id_t) inp_t^T`` (unsketched ``inp``)."""
-        return self.sketch.one_hot_rows(ids, inp)
-
-    def proj_full(self, q: torch.Tensor) -> torch.Tensor:
-        """A full ``(out, in)`` gradient in feature space."""
-        return self.sketch.full(q.to(_acc(q.dtype)))
-
 
 def _seed_for(seed: int, name: str) -> int:
     return (zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
@@ -379,11 +359,11 @@ class GradientFeaturizer:
             def fwd(mod, args, out):
                 x = args[0].detach()
                 x = x.to(_acc(x.dtype))
-                xp = grp.proj_in(x) if project else x
+                xp = grp.sketch.cols(x) if project else x
 
                 def bwd(g):
                     g = g.detach().to(_acc(g.dtype))
-                    sink(gname, Factor(inp=xp, out=grp.proj_out(g) if project else g, out_dim=grp.out_dim))
+                    sink(gname, Factor(inp=xp, out=grp.sketch.rows(g) if project else g, out_dim=grp.out_dim))
 
                 if out.requires_grad:
                     out.register_hook(bwd)
@@ -491,7 +471,7 @@ class GradientFeaturizer:
                         dots[smp] = qs @ g_one.view(-1)
                         g_one.zero_()
             elif project:
-                outs.append(grp.proj_out(g))
+                outs.append(grp.sketch.rows(g))
             else:
                 outs.append(g.clone())
         if grp is not None and head_sum is None:
@@ -500,7 +480,7 @@ class GradientFeaturizer:
                 sink(self.head_weight_name, _HeadDots(list(dots.t())))
             else:
                 out = torch.cat(outs).view(b, s, -1)
-                sink(self.head_weight_name, Factor(inp=grp.proj_in(hin) if project else hin, out=out,
+                sink(self.head_weight_name, Factor(inp=grp.sketch.cols(hin) if project else hin, out=out,
                                                    out_dim=grp.out_dim))
         if need_h:
             hidden.backward(grad_h.view(b, s, d))
@@ -523,7 +503,7 @@ class GradientFeaturizer:
 
         def sink(n: str, f: Factor) -> None:
             g = self.groups[n]
-            v = g.one_hot_rows(f.ids, f.inp) if f.ids is not None else g.outer(f.out, f.inp)
+            v = g.sketch.one_hot_rows(f.ids, f.inp) if f.ids is not None else g.sketch.outer(f.out, f.inp)
             feats[n] = v if feats[n] is None else feats[n] + v
 
         loss = self._run(inputs, targets, sink, project=True)
@@ -575,7 +555,7 @@ class GradientFeaturizer:
         """A full gradient (group -> ``(out, in)``) in feature space: ``P_out G P_in^T`` per group."""
         if self.proj_dim <= 0:
             return torch.cat([full[n].flatten() for n in self.groups])
-        return torch.cat([g.proj_full(full[n]) for n, g in self.groups.items()])
+        return torch.cat([g.sketch.full(full[n].to(_acc(full[n].dtype))) for n, g in self.groups.items()])
 
 
 def _softmax_grad_(z: torch.Tensor, target: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:

@@ -365,7 +365,6 @@ def resolve_checkpoints(specs: Sequence[str], last: int) -> list[str]:
 def write_scores(out: str | Path, samples: Sequence[Sample], scores: np.ndarray, caps: Sequence[str],
                  cfg: InfluenceConfig, extra: dict[str, Any]) -> dict[str, Any]:
     """``OUT/scores.jsonl`` (one line per sample) and ``OUT/summary.json``, each written atomically."""
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     j = joint(scores, caps, cfg)

@@ -90,6 +90,13 @@ def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, out // n_heads // 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
+def qk_heads(name: str, cfg: ModelConfig) -> int:
+    """The head count whose rows a q/k projection weight ``name`` (our naming) holds; 0 for anything else."""
+    if name.endswith("q_proj.weight"):
+        return cfg.n_heads
+    return cfg.n_kv_heads if name.endswith("k_proj.weight") else 0
+
+
 def _fields(reader) -> dict[str, Any]:
     out = {}
     for key, f in reader.fields.items():
@@ -226,8 +233,8 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu",
              for k, _ in model.named_parameters()}
     if cfg.qk_norm:  # qwen3 rotates half-split pairs (NEOX RoPE); see export_gguf
         for k in state:
-            if k.endswith(("q_proj.weight", "k_proj.weight")):
-                state[k] = to_interleaved(state[k], cfg.n_heads if "q_proj" in k else cfg.n_kv_heads)
+            if qk_heads(k, cfg):
+                state[k] = to_interleaved(state[k], qk_heads(k, cfg))
     model.load_state_dict(state, strict=True, assign=True)
     model.set_rope()  # the tables were built on the meta device
     model.eval()

@@ -220,7 +220,6 @@ class SFTBatches:
         return self
 
     def __next__(self):
-
         if self.pos >= self.per_epoch:
             self.epoch, self.pos = self.epoch + 1, 0
             self._order = self._perm(self.epoch)
