@@ -135,3 +135,17 @@ def test_in_place_and_functional_chunk_paths_agree(alpha):
     for x, y in zip(a[:3], b[:3]):
         assert abs(float(x - y)) < 1e-10
     assert torch.allclose(a[3], b[3], atol=1e-12)
+
+
+def test_rows_without_targets_are_skipped_exactly():
+    """On a CPU the head runs on target rows only: a batch with no target at all gives zero loss and zero
+    gradients (not an empty-tensor error), and one kept row gives that row's cross-entropy."""
+    h, w, t, _, _ = _case(4)
+    none = torch.full_like(t, IGNORE)
+    out = head_loss(h, w, none)
+    gh, gw = torch.autograd.grad(out.loss, [h, w])
+    assert float(out.loss) == 0.0 and int(out.tokens) == 0 and not gh.any() and not gw.any()
+    one = none.clone()
+    one[5] = t[5]
+    out = head_loss(h, w, one)
+    assert abs(float(out.loss) - float(F.cross_entropy((h[5:6] @ w.T), t[5:6], reduction="sum"))) < 1e-9

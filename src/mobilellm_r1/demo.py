@@ -11,17 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import Recipe, load_recipe, resolve_recipe
-
-
-def source_inputs(recipe: Recipe, corpus_dir: Path) -> dict[str, list[str]]:
-    """Local inputs per recipe source: relative paths resolve against the corpus folder, and a source
-    with no paths reads ``<corpus>/<name>.jsonl``."""
-    out = {}
-    for s in recipe.data.sources:
-        paths = s.paths or [f"{s.name}.jsonl"]
-        out[s.name] = [p if Path(p).is_absolute() or p.startswith("hf:") else str(corpus_dir / p) for p in paths]
-    return out
+from .config import load_recipe, resolve_recipe
 
 
 def _print_plan(plan: dict[str, Any]) -> None:

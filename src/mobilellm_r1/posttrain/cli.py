@@ -103,7 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sft", help="supervised fine-tuning stage of a recipe (general or reasoning SFT)")
     _common(p)
     p.add_argument("--stage", help="SFT stage to run (default: the recipe's first SFT stage)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "fast", "float32", "bfloat16"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fast: bf16 on a CPU too where measured faster")
     p.add_argument("--compile", action="store_true", help="torch.compile every block")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="multi-rank mode under torchrun")
     p.set_defaults(func=cmd_sft)

@@ -54,9 +54,12 @@ class GRPOOptions:
 
 
 def math_reward(completion: str, gold: str) -> float:
-    from ..eval.grading.math import grade
+    """1 for the right answer in a closed ``\\boxed{}``, else 0: the grader alone would also take "the answer
+    is N" or the last number, so a truncated ramble whose last number happens to match would be rewarded
+    for no format at all."""
+    from ..eval.grading.math import grade, has_boxed_answer
 
-    return float(grade(completion, gold)["correct"])
+    return float(has_boxed_answer(completion) and grade(completion, gold)["correct"])
 
 
 def code_reward(completion: str, gold: str) -> float:
@@ -271,7 +274,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
         from tqdm import tqdm
 
         bar = tqdm(total=run_until, initial=step, desc=stage_name, unit="step", dynamic_ncols=True)
-    rewards_hist, lengths_hist = [], []
+    rewards_hist, lengths_hist, trunc_hist = [], [], []
     try:
         while step < run_until:
             t0 = time.perf_counter()
@@ -325,11 +328,12 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
             mean_len = float(np.mean([len(c) for c in comps]))
             rewards_hist.append(mean_r)
             lengths_hist.append(mean_len)
+            trunc_hist.append(sum(r == "length" for r in gen.finish_reasons) / n)
             rec = {"step": step, "reward_mean": mean_r, "reward_std": float(rewards.std(unbiased=False)),
                    "completion_len_mean": mean_len, "loss": loss_sum, "kl": info["kl"],
                    "clip_frac": info["clip_frac"], "lr": lr, "grad_norm": gnorm,
                    "samples_per_s": n / dt, "gen_tokens_per_s": gen.new_tokens / t_gen if t_gen > 0 else None,
-                   "truncated": sum(r == "length" for r in gen.finish_reasons) / n}
+                   "truncated": trunc_hist[-1]}
             log.log(rec)
             if bar is not None:
                 bar.update(1)
@@ -346,8 +350,9 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
     summary = {"stage": stage_name, "kind": "grpo", "steps": step, "steps_total": steps_total,
                "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size, "kl_beta": cfg.kl_beta,
                "prompt_data": prompts.stats, "reward_mean": rewards_hist, "completion_len_mean": lengths_hist,
+               "truncated": trunc_hist,
                "out": str(out), "checkpoint": str(out / "final")}
     log.log({"step": step, "summary": {k: v for k, v in summary.items()
-                                       if k not in ("reward_mean", "completion_len_mean")}})
+                                       if k not in ("reward_mean", "completion_len_mean", "truncated")}})
     log.close()
     return summary

@@ -61,6 +61,11 @@ class _Doc:
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
         self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
+    def quote(self, title: str, text: str) -> None:
+        """A model's completion, verbatim (escaped in the HTML: a model may write anything)."""
+        self.md.append(f"{title}\n\n```text\n{text}\n```\n")
+        self.html.append(f"<p><b>{html.escape(title)}</b></p><pre>{html.escape(text)}</pre>")
+
     def img(self, path: Path | None, alt: str) -> None:
         if path is None:
             self.p(f"({alt}: nothing to plot)")
@@ -76,6 +81,40 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #bbb;p
 th{background:#eee}pre{background:#f5f5f5;padding:.5em;overflow-x:auto}img{max-width:100%;border:1px solid #ddd}"""
 
 
+def _examples(samples: str, k: int = 2) -> tuple[list[dict], list[dict]]:
+    import json
+
+    path = Path(samples)
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return [r for r in rows if r.get("correct")][:k], [r for r in rows if not r.get("correct")][:k]
+
+
+def _scorecard_section(doc: _Doc, sc: dict[str, Any], rp: str, run_dir: Path) -> None:
+    card = sc["card"]
+    doc.h(2, f"Scorecard: {card['task']}, {card['n']} held-out problems, 0-shot chat prompts")
+    levels = sorted({lv for m in card["models"].values() for lv in (m.get("by_level") or {})}, key=lambda x: (len(x), x))
+    rows = []
+    for tag, m in card["models"].items():
+        lo, hi = m.get("ci95") or (None, None)
+        rows.append([tag, m.get("stage"), m.get("pass@1"), f"[{_fmt(lo)}, {_fmt(hi)}]", m.get("format_rate"),
+                     *[(m.get("by_level") or {}).get(lv, {}).get("pass@1") for lv in levels]])
+    doc.table(["model", "stage", "pass@1", "95% CI (Wilson)", "\\boxed{} rate", *[f"level {lv}" for lv in levels]], rows)
+    g = card.get("grpo")
+    if g:
+        doc.p(f"GRPO ({g['stage']}, {g['steps']} steps): mean reward {g['reward_first']:.3f} over the first three "
+              f"steps, {g['reward_last']:.3f} over the last three (reward 1 only for the right answer in a closed "
+              "\\boxed{}). Share of completions cut at the length limit per step: "
+              + ", ".join(f"{t:.2f}" for t in g.get("truncated") or []) + ".")
+    doc.cmd(f"mobilellm-r1 eval --model {run_dir}/STAGE/final --task {card['task']} --style chat\n"
+            f"cat {run_dir}/scorecard.json")
+    for tag, path in sc.get("samples", {}).items():
+        right, wrong = _examples(path)
+        for kind, rows_ in (("correct", right), ("wrong", wrong)):
+            for r in rows_:
+                doc.quote(f"{tag}, {kind} (level {r.get('level')}, answer {r.get('gold')}): {r.get('problem', r['id'])}",
+                          r.get("completion", ""))
+
+
 def write_report(run_dir: str | Path, recipe: Recipe, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
     run_dir = Path(run_dir)
     plots = run_dir / "report_plots"
@@ -85,6 +124,9 @@ def write_report(run_dir: str | Path, recipe: Recipe, manifests: dict[str, dict[
     doc.h(1, f"MobileLLM-R1 run: {recipe.run.name}")
     doc.p(f"Recipe {rp}; run directory {run_dir}. {recipe.run.description}")
     doc.cmd(f"mobilellm-r1 run {rp} --out {run_dir}")
+
+    if "evaluate" in manifests and manifests["evaluate"]["outputs"].get("scorecard"):
+        _scorecard_section(doc, manifests["evaluate"]["outputs"]["scorecard"], rp, run_dir)
 
     # --- stages and timings
     doc.h(2, "Stages")
@@ -143,6 +185,9 @@ def write_report(run_dir: str | Path, recipe: Recipe, manifests: dict[str, dict[
                 cells.append("skipped" if "skipped" in r else r.get("pass@1"))
             rows.append([f"{tag} ({ev['models'][tag]['stage']})", *cells])
         doc.table(["model", *tasks], rows)
+        reasons = {t: r["skipped"] for res in ev["tasks"].values() for t, r in res.items() if "skipped" in r}
+        for t, why in sorted(reasons.items()):
+            doc.p(f"{t} skipped: {why}")
         fmt = ev.get("format") or {}
         ftasks = sorted({t for r in fmt.values() for t in r})
         if ftasks:

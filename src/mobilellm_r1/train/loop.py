@@ -37,7 +37,7 @@ from ..model.io import CheckpointError, atomic_dir
 from ..model.transformer import Transformer
 from . import checkpoint as ckpt
 from . import distributed as D
-from .metrics import MetricsLog, device_peak, flops_per_token
+from .metrics import MetricsLog, device_peak, flops_per_token, use_bf16_autocast
 from .objectives import IGNORE, TeacherTargets, head_loss, next_token_targets
 from .schedule import lr_at
 
@@ -48,7 +48,7 @@ class TrainOptions:
     max_steps: int = 0  # stop after this many optimizer steps (the schedule still spans the stage)
     resume: bool = False
     device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fast: bf16 also on a CPU where it is faster
     compile: bool = False
     parallel: str = "ddp"  # ddp | fsdp (under torchrun)
     shards: str = ""  # overrides recipe data.shards_dir
@@ -338,7 +338,7 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
 
     # --- model, wrapping, optimizer --------------------------------------------------------------------
     core = StageModel(student, stage, teacher)
-    autocast = (opts.dtype == "auto" and dev.type == "cuda") or opts.dtype == "bfloat16"
+    autocast = use_bf16_autocast(opts.dtype, dev)
     if opts.compile:
         from .objectives import set_compile
 
@@ -364,7 +364,7 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
         start_step, tokens_seen = st["step"], st.get("tokens", 0)
 
     log = MetricsLog(out, info.is_main, resume_step=start_step if opts.resume else None)
-    peak, peak_src = device_peak(dev)
+    peak, peak_src = device_peak(dev, bf16=autocast)
     fpt = flops_per_token(student.cfg, stage.seq_len)
     step_tokens = stage.micro_batch_size * stage.seq_len * accum * info.world_size
 
@@ -408,6 +408,7 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
     summary: dict[str, Any] = {"stage": stage_name, "kind": stage.kind, "steps_total": steps_total,
                                "accum": accum, "world_size": info.world_size, "device": str(dev),
                                "step_tokens": step_tokens, "flops_per_token": fpt, "peak_flops": peak,
+                               "autocast": "bfloat16" if autocast else None,
                                "peak_source": peak_src, "resumed_from": start_step if opts.resume else None}
     if sft:  # what was read, kept and skipped (no assistant turn / longer than a row)
         summary["sft_data"] = {**sft_stats.as_dict(), "rows": batches.rows_per_epoch, "packing": stage.packing}

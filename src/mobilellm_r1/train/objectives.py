@@ -244,7 +244,19 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         teacher = TeacherTargets(topk_ids=teacher.topk_ids.reshape(-1, k), topk_logp=teacher.topk_logp.reshape(-1, k))
     budget = _CHUNK_ELEMENTS_CUDA if hidden.is_cuda else _CHUNK_ELEMENTS
     chunk = chunk or max(16, budget // weight.shape[0])
-    tokens = (targets != IGNORE).sum()
+    keep = targets != IGNORE
+    tokens = keep.sum()
+    if not hidden.is_cuda and not bool(keep.all()):
+        # Rows without a target add nothing to the loss or the gradients, but their (rows, V) logits cost as
+        # much as the others: SFT prompts and padding are half the rows of a short-answer batch, and the head
+        # is two thirds of the tiny model's FLOPs. (On a GPU the selection would be a host sync per step.)
+        idx = keep.nonzero().squeeze(1)
+        hidden, targets = hidden.index_select(0, idx), targets.index_select(0, idx)
+        if teacher is not None and teacher.hidden is not None:
+            teacher = TeacherTargets(hidden=teacher.hidden.index_select(0, idx), weight=teacher.weight)
+        elif teacher is not None:
+            teacher = TeacherTargets(topk_ids=teacher.topk_ids.index_select(0, idx),
+                                     topk_logp=teacher.topk_logp.index_select(0, idx))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         loss, ce, kd = _FusedHeadLoss.apply(hidden, weight, targets, float(alpha), float(temperature), teacher, chunk)
     else:

@@ -1,0 +1,133 @@
+"""The arith task family: generator, splits, grading, contamination check, eval task, GRPO reward."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from mobilellm_r1.data.arith import SPLITS, ArithConfig, contamination, generate_splits, test_rows
+from mobilellm_r1.eval.grading.math import grade, has_boxed_answer
+
+SMALL = ArithConfig(sizes={"test": 60, "grpo": 60, "sft": 600, "pretrain": 300})
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return generate_splits(SMALL)
+
+
+def test_generator_is_deterministic_per_seed(splits):
+    again = generate_splits(SMALL)
+    assert [p.row() for s in SPLITS for p in splits[s]] == [p.row() for s in SPLITS for p in again[s]]
+    other = generate_splits(ArithConfig(seed=SMALL.seed + 1, sizes=SMALL.sizes))
+    assert [p.problem for p in other["test"]] != [p.problem for p in splits["test"]]
+    assert test_rows() == test_rows() and len(test_rows()) == 256  # the eval task's default split
+
+
+def test_splits_are_disjoint_in_text_and_computation(splits):
+    from mobilellm_r1.data.arith import _signature
+
+    texts = [p.problem for s in SPLITS for p in splits[s]]
+    assert len(texts) == len(set(texts))
+    test_sigs = {_signature(p) for p in splits["test"]}
+    assert len(test_sigs) == len(splits["test"])
+    assert not any(_signature(p) in test_sigs for s in SPLITS[1:] for p in splits[s])
+    for s in SPLITS:  # every level in equal shares (the sizes are multiples of 3)
+        levels = [p.level for p in splits[s]]
+        assert {lv: levels.count(lv) for lv in (1, 2, 3)} == {lv: len(levels) // 3 for lv in (1, 2, 3)}
+
+
+def test_every_answer_grades_correct_against_its_solution(splits):
+    from mobilellm_r1.eval.tasks.arith import score
+    from mobilellm_r1.eval.tasks.base import Example
+
+    eq = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")
+    for s in SPLITS:
+        for p in splits[s]:
+            assert grade(p.solution, str(p.answer))["correct"] and has_boxed_answer(p.solution)
+            ex = Example(p.id, p.row(), str(p.answer))
+            assert score(p.solution, ex)["correct"]
+            lines = p.solution.splitlines()
+            assert len(lines) == p.level + 1
+            v = None
+            for line in lines[:-1]:  # each step is a true equation chained on the previous result
+                a, op, b, r = eq.match(line).groups()
+                a, b, r = int(a), int(b), int(r)
+                assert v is None or a == v
+                assert r == {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op] and (op != "/" or a % b == 0)
+                assert 2 <= r <= SMALL.max_result
+                v = r
+            assert v == p.answer and str(p.answer) in lines[-1]
+
+
+def test_score_requires_a_closed_box():
+    from mobilellm_r1.eval.tasks.arith import score
+    from mobilellm_r1.eval.tasks.base import Example
+    from mobilellm_r1.posttrain.grpo import math_reward
+
+    ex = Example("x", {"problem": "p", "answer": "12", "level": 1}, "12")
+    assert score("5 + 7 = 12\nThe answer is \\boxed{12}.", ex)["correct"]
+    assert not score("5 + 7 = 12\nThe answer is 12.", ex)["correct"]  # right number, no format
+    assert not score("5 + 7 = 12\nThe answer is \\boxed{12", ex)["correct"]  # truncated: box never closed
+    assert math_reward("The answer is \\boxed{12}.", "12") == 1.0
+    assert math_reward("so 3 + 9 = 12", "12") == 0.0 and math_reward("\\boxed{13}", "12") == 0.0
+
+
+def test_contamination_finds_a_planted_test_problem(tmp_path, splits):
+    test = [p.problem for p in splits["test"]]
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"text": p.problem}) + "\n" for p in splits["sft"]))
+    res = contamination(test, [clean])
+    assert res["found"] == 0 and res["checked"] == len(test) and res["files"] == 1
+    dirty = tmp_path / "dirty.jsonl"
+    dirty.write_text(json.dumps({"text": "Intro. " + test[7] + " More text."}) + "\n")
+    res = contamination(test, [clean, dirty])
+    assert res["found"] == 1 and res["where"] == {test[7]: "dirty.jsonl"}
+
+
+def test_corpus_builds_the_splits_and_refuses_a_leak(tmp_path):
+    from mobilellm_r1.data.corpus import build_corpus, check_arith_test
+
+    man = build_corpus(tmp_path, sources=["arith_sft", "arith_test"], progress=False)
+    assert man["run"]["arith_contamination"]["found"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "arith_test.jsonl").read_text().splitlines()]
+    assert [r["problem"] for r in rows] == [r["problem"] for r in test_rows()]
+    with (tmp_path / "arith_sft.jsonl").open("a") as f:  # a test problem slips into a training source
+        f.write(json.dumps({"id": "leak", "text": rows[3]["problem"]}) + "\n")
+    man["sources"]["arith_sft"]["status"] = "ok"
+    with pytest.raises(ValueError, match=r"1 arith test problems occur in training sources .*arith_sft.jsonl"):
+        check_arith_test(tmp_path, man)
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ValueError, match="unknown arith split 'dev'"):
+        generate_splits(ArithConfig(sizes={"dev": 3}))
+    with pytest.raises(ValueError, match="cannot draw"):
+        generate_splits(ArithConfig(levels=(1,), max_value=3, max_result=6, sizes={"test": 500}))
+
+
+def test_eval_task_reports_levels_offline(tmp_path):
+    """`eval --task arith` on a real model with no data given: the generated test split, graded, per level."""
+    from mobilellm_r1.eval.runner import EvalConfig, run_eval
+
+    res = run_eval("smollm2", EvalConfig(task="arith", out=str(tmp_path / "ev"), limit=6, max_new_tokens=24,
+                                         batch_size=6, progress=False))
+    assert res["style"] == "chat" and res["n"] == 6 and res["data"] == "generated:arith"
+    assert set(res["by_level"]) == {"1", "2", "3"} and all(v["n"] == 2 for v in res["by_level"].values())
+    lo, hi = res["ci95"]
+    assert 0.0 <= lo <= res["pass@1"] <= hi <= 1.0 and hi > 0  # Wilson: never a point interval
+    recs = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    assert all(r["problem"] and r["level"] in (1, 2, 3) for r in recs)
+
+
+def test_wilson_interval():
+    from mobilellm_r1.eval.runner import summarize, wilson
+
+    lo, hi = wilson(0, 256)
+    assert lo == 0.0 and 0.01 < hi < 0.02
+    lo, hi = wilson(64, 256)
+    assert 0.19 < lo < 0.2 and 0.3 < hi < 0.32
+    s = summarize([{"id": str(i), "correct": i < 3, "level": 1 + i % 2} for i in range(10)], 10)
+    assert s["pass@1"] == 0.3 and s["by_level"]["1"]["n"] == 5 and s["by_level"]["1"]["pass@1"] == 0.4
