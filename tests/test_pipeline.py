@@ -179,6 +179,9 @@ eval_limit = 2
 eval_max_new_tokens = 8
 eval_batch_size = 2
 probe_max_tokens = 500
+scorecard_task = "arith"
+scorecard_limit = 3
+scorecard_max_new_tokens = 8
 
 [curation]
 scorer = "smollm2"
@@ -265,6 +268,11 @@ def test_micro_recipe_runs_every_stage(micro_run):
     ev = json.loads((out / "evaluate" / "stage.json").read_text())["outputs"]
     assert ev["tasks"]["base"]["humaneval"]["n"] == 2 and 0 <= ev["tasks"]["base"]["humaneval"]["pass@1"] <= 1
     assert ev["probe"]["base"]["overall"]["nll"] > 0 and ev["probe"]["base"]["rankme"] > 1
+    card = json.loads((out / "scorecard.json").read_text())  # the contract of issue 16 (no SFT/GRPO stage here)
+    assert card["task"] == "arith" and card["n"] == 3 and card["grpo"] is None
+    assert set(card["models"]) == {"base", "final"} and card["models"]["base"] == card["models"]["final"]
+    row = card["models"]["base"]
+    assert set(row) >= {"pass@1", "ci95", "format_rate", "by_level"} and row["ci95"][0] <= row["pass@1"] <= row["ci95"][1]
     cur = json.loads((out / "curate" / "stage.json").read_text())["outputs"]
     assert set(cur["probing"]) == {"code", "math", "knowledge"}
     assert all(sum(1 for _ in open(f)) >= 1 for f in cur["probing"].values())
@@ -273,6 +281,7 @@ def test_micro_recipe_runs_every_stage(micro_run):
     assert (out / "deploy" / "model-8da4w.pte").is_file() and dep["bench"]["table"].count("|") > 10
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "pretrain_p1" in html and "humaneval" in html
+    assert html.index("Scorecard: arith") < html.index("<h2>Stages</h2>")  # the report's first table
     assert "Leave-one-out" in html and "co-evolution" in html and "Table 10" in html
     assert "<td>executorch_8da4w</td>" in html and "<pre>| runtime" not in html  # Table 10 as real tables
     assert (out / "report_plots" / "losses.png").stat().st_size > 10_000

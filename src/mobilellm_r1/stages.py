@@ -207,7 +207,7 @@ def run_grpo(ctx: Context) -> dict[str, Any]:
 
     out = ctx.out
     res = train_grpo(ctx.recipe, ctx.stage.name, GRPOOptions(out=str(out), resume=bool(list_checkpoints(out)),
-                                                             progress=ctx.progress))
+                                                             progress=ctx.progress, dtype=ctx.pipeline.train_dtype))
     return {k: res.get(k) for k in ("steps", "checkpoint", "reward_mean", "completion_len_mean", "truncated")} | {
         "metrics": str(out / "metrics.jsonl")}
 

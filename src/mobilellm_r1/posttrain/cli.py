@@ -52,7 +52,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
 
     recipe, stage, out = _stage(args, "grpo")
     opts = GRPOOptions(out=out, max_steps=args.max_steps, resume=args.resume, device=args.device,
-                       init=args.init or "", progress=not args.json and not args.quiet)
+                       init=args.init or "", progress=not args.json and not args.quiet, dtype=args.dtype)
     try:
         res = train_grpo(recipe, stage, opts)
     except CheckpointError as e:
@@ -112,6 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grpo", help="GRPO with verifiable rewards (paper section 7.4)")
     _common(p)
     p.add_argument("--stage", help="GRPO stage to run (default: the recipe's first GRPO stage)")
+    p.add_argument("--dtype", choices=["auto", "fast", "float32", "bfloat16"], default="auto",
+                   help="the policy update's precision (as sft --dtype); rollouts are generated in fp32")
     p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("chat", help="chat with a checkpoint (interactive, streamed; or one-shot --prompt)")

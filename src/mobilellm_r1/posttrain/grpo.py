@@ -48,6 +48,7 @@ class GRPOOptions:
     device: str = "auto"
     init: str = ""  # overrides the stage's init_from
     progress: bool = True
+    dtype: str = "auto"  # the policy's forward/backward precision, as `train --dtype` (generation stays fp32)
 
 
 # ------------------------------------------------------------------------------------------- rewards
@@ -197,7 +198,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
     from ..train import checkpoint as ckpt
     from ..train.distributed import pick_device
     from ..train.loop import TrainOptions, build_student, load_model_spec, make_optimizer
-    from ..train.metrics import MetricsLog
+    from ..train.metrics import MetricsLog, use_bf16_autocast
     from ..train.schedule import lr_at
 
     stage = recipe.stage(stage_name)
@@ -233,6 +234,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
     stop_ids = sorted({i for i in list(tok.eos_ids) + list(policy.cfg.eos_ids) if 0 <= i < policy.cfg.vocab_size})
     pad = policy.cfg.pad_id if 0 <= policy.cfg.pad_id < policy.cfg.vocab_size else 0
     micro = max(1, stage.micro_batch_size)
+    autocast = use_bf16_autocast(opts.dtype, dev)
 
     state = {"epoch": 0, "pos": 0}
     existing = ckpt.list_checkpoints(out)
@@ -310,7 +312,9 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
                 loss_sum, info = 0.0, {"kl": 0.0, "clip_frac": 0.0}
                 for i in range(0, n, micro):
                     sl = slice(i, i + micro)
-                    lp = token_logprobs(policy, seqs[sl], starts[sl], pad)
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                        lp = token_logprobs(policy, seqs[sl], starts[sl], pad)
+                    lp = [x.float() for x in lp]
                     o = old[sl] if old is not None else [x.detach() for x in lp]
                     loss, inf = grpo_loss(lp, o, adv[sl].to(dev), cfg.clip_eps, cfg.kl_beta,
                                           refs[sl] if refs is not None else None, n_total=n)
