@@ -65,8 +65,10 @@ class ArithConfig:
     """The task family's parameters. The defaults define the ``arith`` eval task and the demo's data."""
     seed: int = 20251203
     levels: tuple[int, ...] = (1, 2, 3)  # steps per problem, drawn uniformly
-    max_value: int = 50  # start value and every added / removed amount lie in [2, max_value]
-    max_result: int = 200  # every intermediate count lies in [2, max_result]
+    # Operand size, the difficulty knob. The default is what the tiny demo model can start to learn on two
+    # cores: measured after 1500 SFT updates of 512 tokens, pass@1 0.082 at (20, 60) against 0.047 at (50, 200).
+    max_value: int = 20  # start value and every added / removed amount lie in [2, max_value]
+    max_result: int = 60  # every intermediate count lies in [2, max_result]
     max_factor: int = 5  # multiply / divide by 2..max_factor
     style: str = "equations"  # solution lines: "equations" (a op b = r) | "restate" (the sentence, then the equation)
     # Problems per split (test: held out; grpo: prompts; sft: worked solutions; pretrain: corpus text).
@@ -100,7 +102,7 @@ def _draw_op(rng: random.Random, s: int, cfg: ArithConfig) -> tuple[str, int] | 
         ops.append("-")
     if s * 2 <= cfg.max_result:
         ops.append("*")
-    if any(s % k == 0 and s // k >= 1 for k in range(2, cfg.max_factor + 1)):
+    if any(s % k == 0 and s // k >= 2 for k in range(2, cfg.max_factor + 1)):
         ops.append("/")
     if not ops:
         return None
@@ -111,7 +113,7 @@ def _draw_op(rng: random.Random, s: int, cfg: ArithConfig) -> tuple[str, int] | 
         return op, rng.randint(1, min(cfg.max_value, s - 2))  # results stay >= 2: no "1" to guess
     if op == "*":
         return op, rng.choice([k for k in range(2, cfg.max_factor + 1) if s * k <= cfg.max_result])
-    return op, rng.choice([k for k in range(2, cfg.max_factor + 1) if s % k == 0])
+    return op, rng.choice([k for k in range(2, cfg.max_factor + 1) if s % k == 0 and s // k >= 2])
 
 
 def _apply(op: str, s: int, b: int) -> int:
