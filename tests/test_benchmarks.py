@@ -47,3 +47,16 @@ def test_influence_benchmark_reports_both_ratios_and_fidelity():
     assert out["spearman_vs_exact"] == pytest.approx(1.0)  # ours exact ranks exactly like the naive loop
     assert d["naive_projection_timed_params"] == 65536 and d["caps"] == 3
     assert d["breakdown_s_per_batch"]["fwd_head"] > 0 and 0 < d["flops"]["head_share_of_forward"] < 1
+
+
+def test_cpu_precision_benchmark_reports_ratios():
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cpu_precision.py"), "--preset", "micro",
+                          "--micro-batch", "2", "--seq-len", "64", "--steps", "2", "--json"],
+                         capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert set(out["step_s"]) == {"pretrain_fp32", "pretrain_bf16", "sft_fp32", "sft_bf16"}
+    assert all(v > 0 for v in out["step_s"].values())
+    assert out["bf16_over_fp32"]["sft"] == pytest.approx(out["step_s"]["sft_fp32"] / out["step_s"]["sft_bf16"])
+    assert out["fast_dtype_uses_bf16"] == (out["bf16_matmul_speedup"] >= 1.3)

@@ -119,6 +119,10 @@ def test_schedules_of_table_2():
     assert lr_at(9, 100, sft) == pytest.approx(8e-5) and lr_at(4, 100, sft) == pytest.approx(4e-5)
     cos = StageConfig(lr=1.0, schedule="cosine", min_lr_ratio=0.0)
     assert lr_at(50, 101, cos) == pytest.approx(0.5)
+    wsd = StageConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_ratio=0.2, min_lr_ratio=0.0)
+    assert lr_at(4, 100, wsd) == pytest.approx(0.5) and lr_at(79, 100, wsd) == 1.0  # stable until 80%
+    assert lr_at(80, 100, wsd) == 1.0 and lr_at(99, 100, wsd) == pytest.approx(0.0)
+    assert lr_at(90, 100, wsd) == pytest.approx(1 - 10 / 19)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])

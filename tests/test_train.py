@@ -3,6 +3,7 @@ cached), held-out loss, and the errors a user can hit. Real text (the Python sta
 SmolLM2 tokenizer, the real model at the ``micro`` preset."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -234,3 +235,20 @@ def test_user_errors_are_clear_and_lose_nothing(shards, tmp_path):
     r = run_cli("train", "--config", path, "--out", tmp_path / "z", "--resume", "--max-steps", "4", check=False)
     assert r.returncode == 2 and "corrupt checkpoint" in r.stderr and "step_00000002" in r.stderr
     assert {p: p.read_bytes() for p in step.iterdir()} == before
+
+
+def test_fast_dtype_follows_the_measured_cpu(shards, tmp_path):
+    """`--dtype fast` is bf16 autocast exactly where this CPU's bf16 matmuls measure >= 1.3x fp32 (AVX-512
+    BF16 / AMX hosts), fp32 elsewhere; `auto` stays fp32 on a CPU; either way the stage trains."""
+    from mobilellm_r1.train.metrics import FAST_BF16_RATIO, cpu_bf16_speedup, use_bf16_autocast
+
+    cpu = torch.device("cpu")
+    assert not use_bf16_autocast("auto", cpu) and not use_bf16_autocast("float32", cpu)
+    assert use_bf16_autocast("bfloat16", cpu)
+    fast = cpu_bf16_speedup() >= FAST_BF16_RATIO
+    assert use_bf16_autocast("fast", cpu) == fast
+    with pytest.raises(ValueError, match="unknown training dtype 'half'"):
+        use_bf16_autocast("half", cpu)
+    res = run(recipe(tmp_path, shards), tmp_path / "a", dtype="fast")
+    assert res["autocast"] == ("bfloat16" if fast else None) and all(map(math.isfinite, res["losses"]))
+    assert res["losses"][-1] < res["losses"][0]

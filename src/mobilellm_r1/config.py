@@ -176,7 +176,8 @@ class StageConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
-    schedule: str = "linear"  # warmup then linear decay to min_lr_ratio * lr
+    schedule: str = "linear"  # warmup then linear decay to min_lr_ratio * lr (also cosine, constant, wsd)
+    decay_ratio: float = 0.2  # wsd: the share of steps, at the end, over which the lr decays linearly
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8

@@ -257,6 +257,22 @@ def _format_rates(ctx: Context, ckpt: str, tag: str, style: str, rows: dict[str,
     return {t: rows[t].get("format_rate") for t in tasks if "skipped" not in rows.get(t, {"skipped": 1})}
 
 
+def _arith_floor(test_file: str, limit: int) -> dict[str, Any]:
+    """The guessing floor of the scorecard: the SFT split's most common answer given to every test problem
+    (the run's corpus files when there are, else the generated splits, which are the same)."""
+    import json
+
+    from .data.arith import generate_splits, guess_floor, heldout_rows
+
+    sft = Path(test_file).with_name("arith_sft.jsonl") if test_file else None
+    if sft is not None and sft.is_file():
+        train = [json.loads(x)["answer"] for x in sft.read_text().splitlines() if x.strip()]
+        test = [json.loads(x)["answer"] for x in Path(test_file).read_text().splitlines() if x.strip()]
+    else:
+        train, test = [p.answer for p in generate_splits()["sft"]], [r["answer"] for r in heldout_rows()]
+    return {**guess_floor(train, test[:limit] if limit else test), "what": "always the most common answer of the SFT split"}
+
+
 def _scorecard(ctx: Context, models: dict[str, str]) -> dict[str, Any]:
     """``<run>/scorecard.json``: the scorecard task asked 0-shot in the chat template of every model (base =
     last mid-training, sft = last SFT, final = last stage), and GRPO's mean reward over its first and last
@@ -271,6 +287,8 @@ def _scorecard(ctx: Context, models: dict[str, str]) -> dict[str, Any]:
         test = Path(ctx.output("corpus", "dir")) / "arith_test.jsonl"
         data = str(test) if test.is_file() else ""
     card: dict[str, Any] = {"task": task, "n": 0, "models": {}, "grpo": None}
+    if task == "arith":
+        card["floor"] = _arith_floor(data, pc.scorecard_limit)
     samples: dict[str, str] = {}
     done: dict[str, dict[str, Any]] = {}
     for tag, stage in models.items():

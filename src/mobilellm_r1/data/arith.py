@@ -202,7 +202,19 @@ def generate_splits(cfg: ArithConfig = ArithConfig()) -> dict[str, list[Problem]
     return out
 
 
-def test_rows(cfg: ArithConfig = ArithConfig()) -> list[dict]:
+def guess_floor(train_answers: Iterable[str], test_answers: list[str]) -> dict:
+    """pass@1 of a model that always gives the training data's most common answer: what format plus the
+    answer prior earn without reading the problem, the line a model's pass@1 must clear to show reasoning."""
+    counts: dict[str, int] = {}
+    for a in train_answers:
+        counts[str(a)] = counts.get(str(a), 0) + 1
+    if not counts or not test_answers:
+        return {"answer": None, "pass@1": 0.0}
+    best = max(counts, key=lambda k: (counts[k], k))
+    return {"answer": best, "pass@1": sum(str(a) == best for a in test_answers) / len(test_answers)}
+
+
+def heldout_rows(cfg: ArithConfig = ArithConfig()) -> list[dict]:
     """The held-out test split as task rows (what ``mobilellm-r1 eval --task arith`` reads by default)."""
     return [p.row() for p in generate_splits(cfg)["test"]]
 

@@ -78,12 +78,12 @@ def task_examples(task: Task, data: str, limit: int) -> list[Example]:
         rows = rows[:limit] if limit else rows
         return [Example(id=r["task_id"], fields=r, gold=r["task_id"]) for r in rows]
     if data.startswith("generated:"):
-        from ..data.arith import test_rows
+        from ..data.arith import heldout_rows
         from .tasks.arith import GENERATED
 
         if data != GENERATED:
             raise TaskDataError(f"unknown generated data {data!r} (known: {GENERATED})")
-        rows = test_rows()
+        rows = heldout_rows()
         rows = rows[:limit] if limit else rows
         return [Example(id=r["id"], fields=r, gold=r["answer"]) for r in rows]
     return load_examples(task, data, limit)

@@ -99,6 +99,10 @@ def _scorecard_section(doc: _Doc, sc: dict[str, Any], rp: str, run_dir: Path) ->
         rows.append([tag, m.get("stage"), m.get("pass@1"), f"[{_fmt(lo)}, {_fmt(hi)}]", m.get("format_rate"),
                      *[(m.get("by_level") or {}).get(lv, {}).get("pass@1") for lv in levels]])
     doc.table(["model", "stage", "pass@1", "95% CI (Wilson)", "\\boxed{} rate", *[f"level {lv}" for lv in levels]], rows)
+    fl = card.get("floor")
+    if fl and fl.get("answer") is not None:
+        doc.p(f"Guessing floor: a model that always answers {fl['answer']} ({fl['what']}) scores {fl['pass@1']:.3f}; "
+              "a pass@1 near it is the answer format plus the answer prior, not reasoning.")
     g = card.get("grpo")
     if g:
         doc.p(f"GRPO ({g['stage']}, {g['steps']} steps): mean reward {g['reward_first']:.3f} over the first three "

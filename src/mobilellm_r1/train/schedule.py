@@ -6,7 +6,9 @@ Every stage is "warm up linearly from 0, then decay to ``min_lr_ratio * lr`` by 
 - mid-training: no warm-up, linear decay to zero (``min_lr_ratio = 0``);
 - SFT: warm-up over a ratio of the steps (0.03 general, 0.1 reasoning), then linear to zero.
 
-``schedule = "cosine"`` decays along a half cosine instead, ``"constant"`` holds the peak after warm-up.
+``schedule = "cosine"`` decays along a half cosine instead, ``"constant"`` holds the peak after warm-up, and
+``"wsd"`` (warm-up, stable, decay) holds it until the last ``decay_ratio`` of the steps, then decays linearly
+to the floor: a short run learns at the peak for longer and still ends cooled down.
 The lr is a pure function of the step, so a resumed run needs no scheduler state.
 """
 
@@ -16,7 +18,7 @@ import math
 
 from ..config import ConfigError, StageConfig
 
-SCHEDULES = ("linear", "cosine", "constant")
+SCHEDULES = ("linear", "cosine", "constant", "wsd")
 
 
 def warmup_steps(stage: StageConfig, total_steps: int) -> int:
@@ -35,8 +37,13 @@ def lr_at(step: int, total_steps: int, stage: StageConfig) -> float:
         return peak * (step + 1) / warm
     if stage.schedule == "constant":
         return peak
-    span = max(1, total_steps - warm - 1)
-    frac = min(1.0, (step - warm) / span)
+    start = warm
+    if stage.schedule == "wsd":
+        start = max(warm, total_steps - int(round(stage.decay_ratio * total_steps)))
+        if step < start:
+            return peak
+    span = max(1, total_steps - start - 1)
+    frac = min(1.0, (step - start) / span)
     if stage.schedule == "cosine":
         frac = 0.5 * (1 - math.cos(math.pi * frac))
     return peak + (floor - peak) * frac
