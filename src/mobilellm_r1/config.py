@@ -130,6 +130,8 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------- stages
 
 STAGE_KINDS = ("pretrain", "midtrain", "sft", "grpo")
+# Training precisions (`--dtype` of train, sft and grpo; [pipeline] train_dtype), see train.metrics.use_bf16_autocast.
+TRAIN_DTYPES = ("auto", "fast", "float32", "bfloat16")
 
 
 @dataclass

@@ -214,7 +214,7 @@ def run_grpo(ctx: Context) -> dict[str, Any]:
 
 def _eval_model(ctx: Context, ckpt: str, style: str, tag: str, tasks: list[str] | None = None,
                 sub: str = "") -> dict[str, Any]:
-    from .eval.runner import EvalConfig, all_tasks, resolve_data, run_eval
+    from .eval.runner import SHARED_BENCHMARKS, EvalConfig, all_tasks, resolve_data, run_eval
     from .eval.tasks.base import TaskDataError
 
     pc = ctx.pipeline
@@ -229,7 +229,7 @@ def _eval_model(ctx: Context, ckpt: str, style: str, tag: str, tasks: list[str] 
             rows[task] = {"skipped": str(e)}
             continue
         if data.startswith("hf:") and not pc.eval_hub:  # fail fast: an offline machine would wait on retries
-            rows[task] = {"skipped": f"no local data (no {known[task].default_data} in {SHARED_BENCHMARKS_HINT}); "
+            rows[task] = {"skipped": f"no local data (no {known[task].default_data} in {SHARED_BENCHMARKS}); "
                                      f"its hub copy {data} is read only with [pipeline] eval_hub = true"}
             continue
         cfg = EvalConfig(task=task, data=data, out=str(ctx.out / tag / (task + sub)), limit=pc.eval_limit,
@@ -242,9 +242,6 @@ def _eval_model(ctx: Context, ckpt: str, style: str, tag: str, tasks: list[str] 
             continue
         rows[task] = {k: s.get(k) for k in ("pass@1", "ci95", "n", "samples_per_s", "style", "data", "format_rate")}
     return rows
-
-
-SHARED_BENCHMARKS_HINT = "../shared/data/benchmarks"
 
 
 def _format_rates(ctx: Context, ckpt: str, tag: str, style: str, rows: dict[str, Any]) -> dict[str, Any]:
@@ -260,16 +257,16 @@ def _format_rates(ctx: Context, ckpt: str, tag: str, style: str, rows: dict[str,
 def _arith_floor(test_file: str, limit: int) -> dict[str, Any]:
     """The guessing floor of the scorecard: the SFT split's most common answer given to every test problem
     (the run's corpus files when there are, else the generated splits, which are the same)."""
-    import json
-
-    from .data.arith import generate_splits, guess_floor, heldout_rows
+    from .data.arith import generate_splits, guess_floor
+    from .eval.tasks.base import read_rows
 
     sft = Path(test_file).with_name("arith_sft.jsonl") if test_file else None
     if sft is not None and sft.is_file():
-        train = [json.loads(x)["answer"] for x in sft.read_text().splitlines() if x.strip()]
-        test = [json.loads(x)["answer"] for x in Path(test_file).read_text().splitlines() if x.strip()]
+        train = [row["answer"] for _, row in read_rows(sft)]
+        test = [row["answer"] for _, row in read_rows(test_file)]
     else:
-        train, test = [p.answer for p in generate_splits()["sft"]], [r["answer"] for r in heldout_rows()]
+        splits = generate_splits()
+        train, test = [p.answer for p in splits["sft"]], [p.answer for p in splits["test"]]
     return {**guess_floor(train, test[:limit] if limit else test), "what": "always the most common answer of the SFT split"}
 
 

@@ -21,12 +21,13 @@ amounts) and ``max_result`` (every intermediate result) are the operand-size kno
 
 Splits are disjoint by construction: problems come from one seeded stream, a problem whose text was
 already drawn is skipped, and so is one that repeats a test problem's computation (start, operations,
-operands), so no test problem's text or arithmetic chain occurs in the SFT, GRPO or pre-training splits. :func:`contamination` checks any other
-text (the corpus sources) for test problem texts at build time.
+operands), so no test problem's text or arithmetic chain occurs in the SFT, GRPO or pre-training splits.
+:func:`contamination` checks any other text (the corpus sources) for test problem texts at build time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import re
@@ -215,8 +216,9 @@ def guess_floor(train_answers: Iterable[str], test_answers: list[str]) -> dict:
 
 
 def heldout_rows(cfg: ArithConfig = ArithConfig()) -> list[dict]:
-    """The held-out test split as task rows (what ``mobilellm-r1 eval --task arith`` reads by default)."""
-    return [p.row() for p in generate_splits(cfg)["test"]]
+    """The held-out test split as task rows (what ``mobilellm-r1 eval --task arith`` reads by default). The
+    test split is drawn first, so drawing it alone gives the same problems without the 16k training ones."""
+    return [p.row() for p in generate_splits(dataclasses.replace(cfg, sizes={"test": cfg.sizes["test"]}))["test"]]
 
 
 _QUESTION = re.compile(r"How many [a-z]+ does [A-Z][a-z]+ have now\?")

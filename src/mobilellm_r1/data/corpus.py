@@ -760,7 +760,8 @@ def _arith_rows(ctx: BuildContext, split: str, conversation: bool) -> Iterator[d
     _arith_provenance(ctx)
     for p in _arith_splits()[split]:
         row = p.row()
-        text = f"user: {p.problem}\n\nassistant: {p.solution}" if conversation else f"{p.problem}\n{p.solution}"
+        text = (render_messages([{"role": "user", "content": p.problem}, {"role": "assistant", "content": p.solution}])
+                if conversation else f"{p.problem}\n{p.solution}")
         yield {**row, "id": f"arith/{split}/{p.id}", "text": text}
 
 

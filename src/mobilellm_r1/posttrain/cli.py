@@ -100,10 +100,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..config import TRAIN_DTYPES
+
     p = sub.add_parser("sft", help="supervised fine-tuning stage of a recipe (general or reasoning SFT)")
     _common(p)
     p.add_argument("--stage", help="SFT stage to run (default: the recipe's first SFT stage)")
-    p.add_argument("--dtype", choices=["auto", "fast", "float32", "bfloat16"], default="auto",
+    p.add_argument("--dtype", choices=TRAIN_DTYPES, default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fast: bf16 on a CPU too where measured faster")
     p.add_argument("--compile", action="store_true", help="torch.compile every block")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="multi-rank mode under torchrun")
@@ -112,7 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grpo", help="GRPO with verifiable rewards (paper section 7.4)")
     _common(p)
     p.add_argument("--stage", help="GRPO stage to run (default: the recipe's first GRPO stage)")
-    p.add_argument("--dtype", choices=["auto", "fast", "float32", "bfloat16"], default="auto",
+    p.add_argument("--dtype", choices=TRAIN_DTYPES, default="auto",
                    help="the policy update's precision (as sft --dtype); rollouts are generated in fp32")
     p.set_defaults(func=cmd_grpo)
 

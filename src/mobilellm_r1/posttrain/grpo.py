@@ -58,9 +58,9 @@ def math_reward(completion: str, gold: str) -> float:
     """1 for the right answer in a closed ``\\boxed{}``, else 0: the grader alone would also take "the answer
     is N" or the last number, so a truncated ramble whose last number happens to match would be rewarded
     for no format at all."""
-    from ..eval.grading.math import grade, has_boxed_answer
+    from ..eval.grading.math import grade_boxed
 
-    return float(has_boxed_answer(completion) and grade(completion, gold)["correct"])
+    return float(grade_boxed(completion, gold)["correct"])
 
 
 def code_reward(completion: str, gold: str) -> float:

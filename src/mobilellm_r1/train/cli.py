@@ -73,6 +73,8 @@ def cmd_distill_cache(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..config import TRAIN_DTYPES
+
     p = sub.add_parser("train", help="train one stage of a recipe (pre-training, mid-training with KD)")
     p.add_argument("--config", required=True, help="recipe TOML (or a recipe name in recipes/)")
     p.add_argument("--stage", help="stage to train (default: the recipe's first)")
@@ -82,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", help="token shards folder (overrides data.shards_dir)")
     p.add_argument("--init", help="start from this checkpoint instead of the stage's init_from")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["auto", "fast", "float32", "bfloat16"], default="auto",
+    p.add_argument("--dtype", choices=TRAIN_DTYPES, default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fast: bf16 on a CPU too where measured faster")
     p.add_argument("--compile", action="store_true", help="torch.compile every block")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="multi-rank mode under torchrun")

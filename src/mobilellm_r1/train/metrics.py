@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
+from ..config import TRAIN_DTYPES, ModelConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, by a substring of the device name.
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -57,8 +57,8 @@ def use_bf16_autocast(dtype: str, device: torch.device) -> bool:
     """The training precision a ``--dtype`` asks for: ``bfloat16`` / ``float32`` as said; ``auto`` = bf16
     autocast on CUDA, fp32 on a CPU; ``fast`` = bf16 autocast on CUDA and on a CPU whose bf16 matmuls are
     measured :data:`FAST_BF16_RATIO` times faster than fp32, else fp32 (weights and optimizer stay fp32)."""
-    if dtype not in ("auto", "fast", "float32", "bfloat16"):
-        raise ValueError(f"unknown training dtype {dtype!r} (auto, fast, float32, bfloat16)")
+    if dtype not in TRAIN_DTYPES:
+        raise ValueError(f"unknown training dtype {dtype!r} ({', '.join(TRAIN_DTYPES)})")
     if dtype in ("float32", "bfloat16"):
         return dtype == "bfloat16"
     if device.type == "cuda":

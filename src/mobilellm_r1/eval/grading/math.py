@@ -1255,3 +1255,12 @@ def grade(completion: str, gold: str) -> dict:
     pred = extract_answer(completion) if isinstance(completion, str) else None
     correct = pred is not None and bool(gold_s.strip()) and is_equiv(pred, gold_s)
     return {"correct": bool(correct), "pred": pred, "gold": normalize(gold_s)}
+
+
+def grade_boxed(completion: str, gold: str) -> dict:
+    """:func:`grade`, but correct only when the answer stands in a closed ``\\boxed{}`` (the format the math
+    system prompt asks for: a number echoed from the question, or a box cut off by the length limit, earns
+    nothing). Adds ``boxed``."""
+    boxed = has_boxed_answer(completion)
+    g = grade(completion, gold)
+    return {**g, "correct": bool(g["correct"] and boxed), "boxed": boxed}

@@ -18,11 +18,9 @@ GENERATED = "generated:arith"
 
 
 def score(completion: str, ex: Example) -> dict:
-    from ..grading.math import grade, has_boxed_answer
+    from ..grading.math import grade_boxed
 
-    boxed = has_boxed_answer(completion)
-    g = grade(completion, str(ex.gold))
-    return {**g, "correct": bool(g["correct"] and boxed), "boxed": boxed, "level": ex.fields.get("level"),
+    return {**grade_boxed(completion, str(ex.gold)), "level": ex.fields.get("level"),
             "problem": ex.fields["problem"]}  # so a report can show what was asked beside what was written
 
 
