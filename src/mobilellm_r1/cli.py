@@ -1,8 +1,9 @@
 """`mobilellm-r1`: one command, a subcommand per stage.
 
 Each area of the package registers its own subcommands (``register(subparsers)`` in its ``cli`` module),
-so this file only wires them together. Errors the user can fix (bad config, missing file, bad input)
-exit with status 2 and one clear line instead of a traceback.
+so this file only wires them together. Errors the user can fix (bad config, missing file, bad input, the
+faults of :mod:`mobilellm_r1.faults`) exit with status 2 and one clear line instead of a traceback; a
+training stage stopped by SIGTERM/SIGUSR1 after checkpointing exits with ``faults.EXIT_PREEMPTED`` (143).
 """
 
 from __future__ import annotations
@@ -51,14 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
+    from .faults import EXIT_PREEMPTED, FaultError, Preempted
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
-    except (UserError, ConfigError, FileNotFoundError) as e:
+    except (UserError, ConfigError, FileNotFoundError, FaultError) as e:
         print(f"mobilellm-r1 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # not an error: the checkpoint is written, a scheduler requeues on this status
+        print(f"mobilellm-r1 {args.command}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return int(rc or 0)
 
 

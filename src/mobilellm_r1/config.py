@@ -130,6 +130,7 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------- stages
 
 STAGE_KINDS = ("pretrain", "midtrain", "sft", "grpo")
+NONFINITE_MODES = ("stop", "skip")  # StageConfig.nonfinite, see faults.NonFiniteGuard
 # Training precisions (`--dtype` of train, sft and grpo; [pipeline] train_dtype), see train.metrics.use_bf16_autocast.
 TRAIN_DTYPES = ("auto", "fast", "float32", "bfloat16")
 
@@ -206,6 +207,10 @@ class StageConfig:
     eval_batches: int = 4
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # A step whose loss or gradient norm is NaN/inf: "stop" the stage naming the step and its rows, or "skip"
+    # its update (counted as nonfinite_skips in the metrics) at most nonfinite_max_skips times, then stop.
+    nonfinite: str = "stop"
+    nonfinite_max_skips: int = 10
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -214,6 +219,8 @@ class StageConfig:
         bad = {k: v for k, v in self.mixture.items() if v < 0}
         if bad:
             raise ConfigError(f"negative mixture weights: {bad}")
+        if self.nonfinite not in NONFINITE_MODES:
+            raise ConfigError(f"nonfinite = {self.nonfinite!r} is not one of {NONFINITE_MODES}")
 
 
 @dataclass

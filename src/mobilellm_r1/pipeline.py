@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from .atomic import write_json
 from .config import ConfigError, Recipe, to_dict
+from .runlock import run_lock
 
 MANIFEST = "stage.json"
 
@@ -105,6 +106,14 @@ def runner(kind: str):
 
 # ----------------------------------------------------------------------------------------- the graph
 
+# Stage fields added after runs existed, at the default that leaves a finished stage's result as it was:
+# left out of the stage's key, so upgrading the package does not re-run the stages of existing runs.
+_KEYLESS_DEFAULTS = {"nonfinite": "stop", "nonfinite_max_skips": 10}
+
+
+def stage_dict(st: Any) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(st).items() if k not in _KEYLESS_DEFAULTS or v != _KEYLESS_DEFAULTS[k]}
+
 
 def plan(recipe: Recipe) -> list[Stage]:
     """The stages of ``recipe`` in the order they run (each after all of its deps)."""
@@ -139,11 +148,11 @@ def plan(recipe: Recipe) -> list[Stage]:
         if name == pc.coevolve_for:
             src = st.init_from if st.init_from in recipe.stages else prev
             stages.append(Stage("coevolve", "coevolve", ["tokenize", "curate", src],
-                                {"influence": recipe.sections.get("influence", {}), "stage": to_dict(st),
+                                {"influence": recipe.sections.get("influence", {}), "stage": stage_dict(st),
                                  "from": src}))
             deps.append("coevolve")
         kind = {"pretrain": "train", "midtrain": "train"}.get(st.kind, st.kind)
-        stages.append(Stage(name, kind, deps, {"stage": to_dict(st), "model": to_dict(recipe.model),
+        stages.append(Stage(name, kind, deps, {"stage": stage_dict(st), "model": to_dict(recipe.model),
                                                "seed": recipe.run.seed}))
         prev = name
     last = train_names[-1] if train_names else ""
@@ -199,11 +208,19 @@ class RunOptions:
 
 
 def run_pipeline(recipe: Recipe, opts: RunOptions) -> dict[str, Any]:
+    """Run the stages of ``recipe`` into its run directory, holding the directory's lock (one writer; the
+    training stages run in this process and lock their own folders inside it re-entrantly)."""
     stages = plan(recipe)
     names = [s.name for s in stages]
     for flag, val in (("--from", opts.from_stage), ("--only", opts.only), ("--until", opts.until)):
         if val and val not in names:
             raise ConfigError(f"{flag} {val!r}: no such stage (stages: {', '.join(names)})")
+    with run_lock(opts.out or Path("runs") / recipe.run.name):
+        return _run_stages(recipe, opts, stages)
+
+
+def _run_stages(recipe: Recipe, opts: RunOptions, stages: list[Stage]) -> dict[str, Any]:
+    names = [s.name for s in stages]
     pc = recipe.section("pipeline", PipelineConfig)
     run_dir = Path(opts.out or Path("runs") / recipe.run.name)
     run_dir.mkdir(parents=True, exist_ok=True)

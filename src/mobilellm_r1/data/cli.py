@@ -1,4 +1,4 @@
-"""`mobilellm-r1 data …`: build the embedded corpus, tokenize to shards, sample a mixture."""
+"""`mobilellm-r1 data …`: build the embedded corpus, tokenize to shards, verify them, sample a mixture."""
 
 from __future__ import annotations
 
@@ -64,6 +64,22 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         print(f"{summary['tokens']:,d} tokens in {summary['seconds']:.1f}s "
               f"({summary['tokens_per_s']:,.0f} tokens/s, {summary['workers']} workers) → {args.out}")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ..cli import print_json
+    from .shards import verify_shards
+
+    res = verify_shards(args.shards, progress=not args.json and not args.quiet, workers=args.workers)
+    if args.json:
+        print_json(res)
+    else:
+        print(f"{res['files']} files, {res['checksummed']} checksummed ({res['bytes'] / 1e6:,.1f} MB at "
+              f"{res['mb_per_s']:,.0f} MB/s)" + (f", {res['unchecked']} without a recorded checksum (sizes only)"
+                                                 if res["unchecked"] else "") + (": all intact" if res["ok"] else ""))
+    for b in res["bad"]:  # one line per damaged file, with the command that rewrites its source
+        print(f"mobilellm-r1 data verify: {b['line']}", file=sys.stderr)
+    return 0 if res["ok"] else 1
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -157,6 +173,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tokenize)
+
+    p = dsub.add_parser("verify", help="check every shard file's size and checksum against index.json")
+    p.add_argument("shards", help="token shards folder")
+    p.add_argument("--workers", type=int, default=0, help="files hashed at once (0 = all cores)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
 
     p = dsub.add_parser("sample", help="draw training sequences from shards by mixture weights")
     p.add_argument("--shards", required=True)

@@ -10,15 +10,28 @@ Every document is wrapped as BOS + tokens + EOS, so packed sequences can be spli
 Sources are written into a temporary folder and renamed into place, and ``index.json`` is replaced
 atomically, so an interrupted run never leaves a half-written source behind. Tokenizing into an existing
 directory adds (or replaces) sources; the tokenizer must match.
+
+Integrity: the index records every file's size and checksum (``"bytes"``, ``"checksums"`` of a shard).
+Opening a shard directory compares sizes at once (a stat per file) and raises :class:`ShardIntegrityError`
+naming the file and the command that re-tokenizes its source; ``mobilellm-r1 data verify`` also compares
+checksums. BLAKE2b, from the standard library: measured here at 965 MB/s per core (xxh3 25,700 MB/s, sha256
+1,730 MB/s with SHA-NI, md5 720 MB/s), far above the tokenizer's rate, and verification hashes files on
+all cores (hashlib releases the GIL). Indexes written before these fields still open; their token files are
+checked against ``n_tokens`` alone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
+import shlex
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,10 +39,20 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..atomic import write_json
+from ..faults import FaultError
 from .sources import ReadStats, iter_documents
 
 INDEX_FILE = "index.json"
 FORMAT = "mobilellm-r1-shards"
+CHECKSUM = "blake2b"  # recorded as "blake2b:<hex>", so another algorithm can come later beside it
+
+
+class ShardIntegrityError(FaultError, ValueError):
+    """A shard file whose size or checksum is not what ``index.json`` recorded."""
+
+
+def _hasher(data: bytes = b""):
+    return hashlib.blake2b(data, digest_size=16)
 
 
 @dataclass
@@ -103,16 +126,19 @@ class _ShardWriter:
     _offsets: list[np.ndarray] = field(default_factory=list)
     _lengths: list[np.ndarray] = field(default_factory=list)
     _n: int = 0
+    _hash: Any = None  # the token file's checksum, updated as it is written (no second read)
 
     def _open(self) -> None:
         self._f = (self.folder / f"{len(self.shards):05d}.bin").open("wb")
-        self._offsets, self._lengths, self._n = [], [], 0
+        self._offsets, self._lengths, self._n, self._hash = [], [], 0, _hasher()
 
     def write(self, flat: np.ndarray, lengths: np.ndarray) -> None:
         if self._f is None:
             self._open()
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
-        self._f.write(flat.astype(self.dtype, copy=False).tobytes())
+        data = flat.astype(self.dtype, copy=False).tobytes()
+        self._f.write(data)
+        self._hash.update(data)
         self._offsets.append(starts + self._n)
         self._lengths.append(lengths)
         self._n += int(lengths.sum())
@@ -126,9 +152,15 @@ class _ShardWriter:
         i = len(self.shards)
         idx = np.stack([np.concatenate(self._offsets), np.concatenate(self._lengths)], axis=1).astype(np.int64) \
             if self._offsets else np.zeros((0, 2), np.int64)
-        np.save(self.folder / f"{i:05d}.idx.npy", idx)
+        buf = io.BytesIO()
+        np.save(buf, idx)
+        docs = buf.getvalue()
+        (self.folder / f"{i:05d}.idx.npy").write_bytes(docs)
         self.shards.append({"tokens": f"{i:05d}.bin", "docs": f"{i:05d}.idx.npy",
-                            "n_tokens": self._n, "n_docs": int(len(idx))})
+                            "n_tokens": self._n, "n_docs": int(len(idx)),
+                            "bytes": {"tokens": self._n * self.dtype.itemsize, "docs": len(docs)},
+                            "checksums": {"tokens": f"{CHECKSUM}:{self._hash.hexdigest()}",
+                                          "docs": f"{CHECKSUM}:{_hasher(docs).hexdigest()}"}})
         self._f = None
 
     def finish(self) -> list[dict]:
@@ -227,12 +259,115 @@ def tokenize_sources(
     return index
 
 
+# --------------------------------------------------------------------------------------------- integrity
+
+
+def retokenize_command(root: str | Path, index: dict[str, Any], source: str) -> str:
+    """The command that writes ``source`` into ``root`` again, from the inputs the index recorded."""
+    meta = index["sources"][source]
+    if not meta.get("inputs"):
+        return f"re-tokenize source {source!r} into {root}"
+    cap = f" --max-docs {meta['max_docs']}" if meta.get("max_docs") else ""
+    return (f"mobilellm-r1 data tokenize --tokenizer {shlex.quote(index['tokenizer'])} --input "
+            f"{' '.join(map(shlex.quote, meta['inputs']))} --out {shlex.quote(str(root))}{cap}")
+
+
+def shard_files(root: str | Path, index: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file the index lists: source, path, expected size (``None``: not recorded) and checksum."""
+    root, item = Path(root), np.dtype(index["dtype"]).itemsize
+    out = []
+    for name, meta in index["sources"].items():
+        for sh in meta["shards"]:
+            sizes, sums = sh.get("bytes", {}), sh.get("checksums", {})
+            for kind in ("tokens", "docs"):
+                size = sizes.get(kind, sh["n_tokens"] * item if kind == "tokens" else None)
+                out.append({"source": name, "path": root / name / sh[kind], "bytes": size, "checksum": sums.get(kind)})
+    return out
+
+
+def _size_problem(f: dict[str, Any]) -> str | None:
+    try:
+        actual = f["path"].stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    if f["bytes"] is not None and actual != f["bytes"]:
+        return f"{actual:,} bytes, index.json recorded {f['bytes']:,}"
+    return None
+
+
+def _problem_line(root: Path, index: dict[str, Any], f: dict[str, Any], problem: str) -> str:
+    return (f"{f['path']}: {problem}: it changed after tokenization (a full disk, an interrupted copy, bad "
+            f"storage); re-tokenize source {f['source']!r}: {retokenize_command(root, index, f['source'])}")
+
+
+def check_sizes(root: str | Path, index: dict[str, Any]) -> None:
+    """Compare every shard file's size with the index (one stat each, no reading); one
+    :class:`ShardIntegrityError` naming every damaged file and how to rewrite it."""
+    bad = [(f, p) for f in shard_files(root, index) if (p := _size_problem(f))]
+    if bad:
+        raise ShardIntegrityError(f"{len(bad)} damaged shard file(s) in {root}: "
+                                  + "; ".join(_problem_line(Path(root), index, f, p) for f, p in bad))
+
+
+def verify_shards(root: str | Path, progress: bool = True, workers: int = 0) -> dict[str, Any]:
+    """Sizes and checksums of every shard file (``mobilellm-r1 data verify``). Returns the counts, the
+    hashing rate and ``bad``: one ``{source, file, problem, line}`` per damaged file."""
+    root = Path(root)
+    index = read_index(root)
+    files = shard_files(root, index)
+    bad, todo = [], []
+    for f in files:
+        problem = _size_problem(f)
+        if problem:
+            bad.append((f, problem))
+        elif f["checksum"]:
+            todo.append(f)
+    total = sum(f["bytes"] for f in todo)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify", smoothing=0.1)
+    lock = threading.Lock()
+
+    def digest(f: dict[str, Any]) -> str:
+        algo, _, _ = f["checksum"].partition(":")
+        if algo != CHECKSUM:
+            return f"unknown checksum algorithm {algo!r}"
+        h = _hasher()
+        with open(f["path"], "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+                if bar is not None:
+                    with lock:
+                        bar.update(len(chunk))
+        return "" if f"{algo}:{h.hexdigest()}" == f["checksum"] else "checksum differs from index.json"
+
+    t0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:  # hashlib releases the GIL
+            for f, problem in zip(todo, pool.map(digest, todo)):
+                if problem:
+                    bad.append((f, problem))
+    finally:
+        if bar is not None:
+            bar.close()
+    secs = time.perf_counter() - t0
+    return {"shards": str(root), "files": len(files), "checksummed": len(todo),
+            "unchecked": sum(1 for f in files if not f["checksum"]), "bytes": total, "seconds": secs,
+            "mb_per_s": total / 1e6 / max(secs, 1e-9), "ok": not bad,
+            "bad": [{"source": f["source"], "file": str(f["path"]), "problem": p,
+                     "line": _problem_line(root, index, f, p)} for f, p in bad]}
+
+
 class ShardSet:
-    """Read-only, memory-mapped view of a shard directory: one concatenated token stream per source."""
+    """Read-only, memory-mapped view of a shard directory: one concatenated token stream per source.
+    Opening it checks every file's size against the index (:func:`check_sizes`)."""
 
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir)
         self.index = read_index(self.root)
+        check_sizes(self.root, self.index)
         self.dtype = np.dtype(self.index["dtype"])
         self._tokens: dict[str, list[np.memmap]] = {}
         self._starts: dict[str, np.ndarray] = {}

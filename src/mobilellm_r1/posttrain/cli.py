@@ -48,13 +48,15 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_grpo(args: argparse.Namespace) -> int:
     from ..cli import UserError, print_json
     from ..model.io import CheckpointError
+    from ..runlock import run_lock
     from .grpo import GRPOOptions, train_grpo
 
     recipe, stage, out = _stage(args, "grpo")
     opts = GRPOOptions(out=out, max_steps=args.max_steps, resume=args.resume, device=args.device,
                        init=args.init or "", progress=not args.json and not args.quiet, dtype=args.dtype)
     try:
-        res = train_grpo(recipe, stage, opts)
+        with run_lock(out):  # one writer per output folder (`run` holds its run directory itself)
+            res = train_grpo(recipe, stage, opts)
     except CheckpointError as e:
         raise UserError(str(e)) from None
     if args.json:

@@ -193,11 +193,12 @@ def load_prompts(recipe: Recipe, stage_name: str, tok, cfg: GRPOConfig, run_dir:
 
 def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, Any]:
     """Run a ``kind = "grpo"`` stage. Returns a summary (also the last line of ``metrics.jsonl``)."""
+    from ..faults import NonFiniteGuard, PreemptionWatch, Preempted
     from ..model.generate import generate
     from ..tokenizer import load_tokenizer
     from ..train import checkpoint as ckpt
     from ..train.distributed import pick_device
-    from ..train.loop import TrainOptions, build_student, load_model_spec, make_optimizer
+    from ..train.loop import TrainOptions, build_student, load_model_spec, make_optimizer, resume_point
     from ..train.metrics import MetricsLog, use_bf16_autocast
     from ..train.schedule import lr_at
 
@@ -242,6 +243,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
         raise ConfigError(f"{out} already holds checkpoints (newest step {existing[-1][0]}): pass --resume to "
                           "continue, or choose another --out")
     step = 0
+    guard = NonFiniteGuard(stage.nonfinite, stage.nonfinite_max_skips)
     if opts.resume and existing:
         loaded = ckpt.load_checkpoint(existing[-1][1])
         policy.load_state_dict(loaded["model"], strict=False)  # tied head: stored once
@@ -249,6 +251,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
         ckpt.set_rng_state(loaded["rng"][0])
         state = loaded["state"]["prompts"]
         step = loaded["state"]["step"]
+        guard.skips = loaded["state"].get("nonfinite_skips", 0)
     log = MetricsLog(out, True, resume_step=step if opts.resume else None)
 
     def order(epoch: int) -> np.ndarray:
@@ -269,7 +272,8 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
         ckpt.save_checkpoint(out, step, model_state={k: v.cpu() for k, v in model_tensors(policy).items()},
                              cfg=policy.cfg, tokenizer=tok_spec, optim_state=optim.state_dict(),
                              rng_states=[ckpt.rng_state()], keep=stage.keep_checkpoints,
-                             trainer_state={"stage": stage_name, "prompts": dict(state), "steps_total": steps_total})
+                             trainer_state={"stage": stage_name, "prompts": dict(state), "steps_total": steps_total,
+                                            "nonfinite_skips": guard.skips})
 
     bar = None
     if opts.progress:
@@ -277,6 +281,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
 
         bar = tqdm(total=run_until, initial=step, desc=stage_name, unit="step", dynamic_ncols=True)
     rewards_hist, lengths_hist, trunc_hist = [], [], []
+    watch = PreemptionWatch().start()  # SIGTERM/SIGUSR1: finish the step, checkpoint, raise Preempted
     try:
         while step < run_until:
             t0 = time.perf_counter()
@@ -324,6 +329,10 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
                     info = {k: info[k] + w * inf[k] for k in info}
                 gnorm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(),
                                                              stage.grad_clip if stage.grad_clip > 0 else float("inf")))
+                if not (np.isfinite(loss_sum) and np.isfinite(gnorm)):  # raises, or skips this update
+                    guard.on_nonfinite(step + 1, loss_sum, gnorm, f"prompts {idx}", resume_point(out))
+                    optim.zero_grad(set_to_none=True)
+                    continue
                 optim.step()
                 optim.zero_grad(set_to_none=True)
             step += 1
@@ -342,9 +351,13 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{mean_r:.3f}", len=f"{mean_len:.0f}", samples_s=f"{n / dt:.1f}")
-            if (stage.save_every and step % stage.save_every == 0) or step == run_until:
+            if (stage.save_every and step % stage.save_every == 0) or step == run_until or watch.signame:
                 save(step)
+            if watch.signame and step < run_until:
+                log.close()
+                raise Preempted(watch.signame, step, ckpt.checkpoints_dir(out) / f"step_{step:08d}")
     finally:
+        watch.stop()
         if bar is not None:
             bar.close()
     newest = ckpt.list_checkpoints(out)[-1][1]

@@ -245,7 +245,8 @@ def micro_batch(rows: Rows, idx):
     mask = torch.from_numpy(rows.mask[idx, :width])
     doc = torch.from_numpy(rows.doc_ids[idx, :width]) if rows.doc_ids is not None else None
     inputs, targets = next_token_targets(tokens, doc, loss_mask=mask)
-    return MicroBatch(inputs, targets, doc[:, :-1] if doc is not None else None)
+    return MicroBatch(inputs, targets, doc[:, :-1] if doc is not None else None,
+                      rows=[f"sft@{int(i)}" for i in idx])  # packed row numbers, for a non-finite loss's error
 
 
 def build_sft_batches(recipe: Recipe, stage: StageConfig, tokenizer: str, run_dir: Path, rank: int = 0,
