@@ -90,3 +90,24 @@ def test_trained_bpe_and_tokenizer_json_dir(tmp_path):
 def test_unknown_tokenizer_spec_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="unknown tokenizer"):
         load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_smollm2_cut_to_its_first_ids_is_a_tokenizer_of_its_own(smollm2):
+    """``smollm2:N`` = SmolLM2's BPE stopped at N ids: every id it emits is < N and means the same token as
+    in the full tokenizer, any text round-trips, and common text costs only a few more tokens."""
+    cut = load_tokenizer("smollm2:8192")
+    assert cut.vocab_size == 8192 and (cut.bos_id, cut.eos_ids, cut.pad_id) == (smollm2.bos_id, smollm2.eos_ids, smollm2.pad_id)
+    texts = ["Tom has 11 tickets. He finds 15 more tickets.\n11 + 15 = 26", "Œuvre, naïve café — ∫₀¹ x² dx",
+             "def f(a, b):\n    return a + b  # sum\n", "<|im_end|> is text here"]
+    for t in texts:
+        ids = cut.encode(t)
+        assert max(ids) < 8192 and cut.decode(ids) == t
+        assert smollm2.decode(ids) == t  # the full tokenizer reads the cut one's ids as the same tokens
+        assert len(ids) >= len(smollm2.encode(t))
+    # tokens below the cut that the full tokenizer uses come out identical
+    assert cut.encode("the answer is") == smollm2.encode("the answer is")
+    ids, mask = cut.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert smollm2.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    assert cut.decode([i for i, m in zip(ids, mask) if m]) == "yo<|im_end|>\n"
+    with pytest.raises(ValueError, match="more than 256"):
+        load_tokenizer("smollm2:100")

@@ -252,3 +252,37 @@ def test_fast_dtype_follows_the_measured_cpu(shards, tmp_path):
     res = run(recipe(tmp_path, shards), tmp_path / "a", dtype="fast")
     assert res["autocast"] == ("bfloat16" if fast else None) and all(map(math.isfinite, res["losses"]))
     assert res["losses"][-1] < res["losses"][0]
+
+
+def test_online_kd_into_a_student_on_the_teachers_cut_vocabulary(tmp_path):
+    """A student on ``smollm2:4096`` distils from a full-vocabulary teacher: the teacher reads the same ids
+    and its distribution is restricted to the student's ids. A teacher whose first 4096 head rows are the
+    student's own initial weights (the other 45k rows random) gives KD = 0 at the first step."""
+    from mobilellm_r1.model.io import save_model
+    from mobilellm_r1.model.transformer import Transformer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    src = tmp_path / "code.jsonl"
+    src.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in sorted(stdlib.glob("json/*.py"))))
+    tokenize_sources({"code": [str(src)]}, tmp_path / "shards",
+                     TokenizeOptions(tokenizer="smollm2:4096", workers=1, progress=False))
+    text = recipe(tmp_path, tmp_path / "shards", steps=2, micro_batch_size=2, global_batch_tokens=64).read_text()
+    text = text.replace('tokenizer = "smollm2"', 'tokenizer = "smollm2:4096"').replace("vocab_size = 49152", "vocab_size = 4096")
+    text = text.replace('[[data.sources]]\nname = "mail"\n', "").replace("code = 0.7\nmail = 0.3", "code = 1.0")
+    torch.manual_seed(1)
+    student = Transformer(load_recipe(_write(tmp_path / "plain.toml", text)).model)
+    big = Transformer(load_recipe(_write(tmp_path / "big.toml", text.replace("vocab_size = 4096", "vocab_size = 49152"))).model)
+    big.load_state_dict({k: torch.cat([v, big.state_dict()[k][v.shape[0]:]]) if v.shape != big.state_dict()[k].shape
+                         else v for k, v in student.state_dict().items()})
+    teacher = save_model(tmp_path / "teacher", big, tokenizer_spec="smollm2")
+    path = _write(tmp_path / "kd.toml", text.replace("[stages.pre.mixture]", f'[stages.pre.kd]\nteacher = "{teacher}"\n'
+                                                     "alpha = 0.5\n[stages.pre.mixture]"))
+    run(path, tmp_path / "kd")
+    rows = [json.loads(x) for x in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in rows if "kd" in r and r.get("step") in (1, 2)]
+    assert abs(kd[0]) < 1e-5 and kd[1] > 1e-6
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

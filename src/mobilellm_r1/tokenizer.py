@@ -517,9 +517,57 @@ def train_bpe(
     return hf_json_tokenizer(out_dir)
 
 
+def truncate_vocab(tok: Tokenizer, n: int, spec: str) -> Tokenizer:
+    """``tok`` cut to its first ``n`` ids: the byte-level BPE it would be had its training stopped after
+    ``n`` ids. A BPE whose ids follow its merge order (each merge's result has a larger id than its two
+    parts, as SmolLM2's do) is closed under that cut: every kept merge builds a kept token from kept
+    tokens, so any text still encodes, just in more pieces, and an id means the same token in both.
+
+    Why: a small model's head and embedding are most of its FLOPs and optimizer traffic at a 49k
+    vocabulary (the tiny preset: 12.6M of 18.9M parameters), while a distillation teacher on the full
+    vocabulary keeps reading and predicting the same ids (its distribution restricted to the first ``n``).
+    """
+    import json as _json
+    from tokenizers import Tokenizer as Backend
+
+    if not isinstance(tok, HFTokenizer):
+        raise ValueError(f"{spec}: only a byte-level BPE tokenizer can be cut to its first ids")
+    if not 256 < n <= tok.vocab_size:
+        raise ValueError(f"{spec}: the cut must keep more than 256 and at most {tok.vocab_size} ids, got {n}")
+    doc = _json.loads(tok._tok.to_str())
+    model = doc["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"{spec}: {tok.name} is not a BPE tokenizer")
+    vocab = model["vocab"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    result = [vocab[a + b] for a, b in merges]
+    if any(r <= max(vocab[a], vocab[b]) for r, (a, b) in zip(result, merges)) or result != sorted(result):
+        raise ValueError(f"{spec}: {tok.name}'s ids do not follow its merge order; its first {n} ids are not a "
+                         "tokenizer of their own")
+    for role, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id), *(("eos", e) for e in tok.eos_ids)):
+        if i >= n:
+            raise ValueError(f"{spec}: the {role} id {i} is not among the first {n} ids")
+    model["vocab"] = {t: i for t, i in vocab.items() if i < n}
+    model["merges"] = [list(m) for m, r in zip(merges, result) if r < n]
+    doc["added_tokens"] = [t for t in doc.get("added_tokens", []) if t["id"] < n]
+    backend = Backend.from_str(_json.dumps(doc))
+    return HFTokenizer(spec=spec, name=f"{tok.name}:{n}", backend=backend, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                       pad_id=tok.pad_id, eos_ids=list(tok.eos_ids), chat=tok.chat, chat_template=tok.chat_template)
+
+
+def vocab_prefix_of(spec: str) -> tuple[str, int] | None:
+    """``("smollm2", 8192)`` for a cut spec ``smollm2:8192``; None for a whole tokenizer."""
+    base, sep, n = spec.rpartition(":")
+    return (base, int(n)) if sep and base and n.isdigit() else None
+
+
 @lru_cache(maxsize=8)
 def load_tokenizer(spec: str) -> Tokenizer:
-    """``llama3`` | ``smollm2`` | path to ``*.gguf`` | path to ``tokenizer.json`` or a folder with one."""
+    """``llama3`` | ``smollm2`` | path to ``*.gguf`` | path to ``tokenizer.json`` or a folder with one;
+    ``SPEC:N`` = that tokenizer cut to its first N ids (:func:`truncate_vocab`)."""
+    cut = vocab_prefix_of(spec)
+    if cut is not None and not Path(spec).exists():
+        return truncate_vocab(load_tokenizer(cut[0]), cut[1], spec)
     if spec == "llama3":
         return llama3_tokenizer()
     if spec == "smollm2":

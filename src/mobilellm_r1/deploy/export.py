@@ -363,15 +363,25 @@ def _gguf_tokenizer_fields(spec: str):
     from gguf import GGUFReader, GGUFValueType
 
     from ..assets import smollm2_gguf
+    from ..tokenizer import vocab_prefix_of
 
-    path = smollm2_gguf() if spec == "smollm2" else Path(spec)
+    cut = vocab_prefix_of(spec) if not Path(spec).exists() else None
+    base = cut[0] if cut else spec
+    path = smollm2_gguf() if base == "smollm2" else Path(base)
     if not (path.is_file() and path.suffix == ".gguf"):
-        raise ValueError(f"GGUF export needs a GGUF tokenizer to embed ('smollm2' or a .gguf file); the "
-                         f"model's tokenizer is {spec!r}")
-    for name, f in GGUFReader(path).fields.items():
-        if name.startswith("tokenizer."):
-            sub = f.types[1] if f.types and f.types[0] == GGUFValueType.ARRAY and len(f.types) > 1 else None
-            yield name, f.contents(), f.types[0], sub
+        raise ValueError(f"GGUF export needs a GGUF tokenizer to embed ('smollm2', a .gguf file, or one of them "
+                         f"cut to its first ids); the model's tokenizer is {spec!r}")
+    fields = {name: f for name, f in GGUFReader(path).fields.items() if name.startswith("tokenizer.")}
+    tokens = fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in fields else []
+    index = {t: i for i, t in enumerate(tokens)}
+    for name, f in fields.items():
+        sub = f.types[1] if f.types and f.types[0] == GGUFValueType.ARRAY and len(f.types) > 1 else None
+        value = f.contents()
+        if cut and sub is not None and name == "tokenizer.ggml.merges":  # the merges that build a kept token
+            value = [m for m in value if index.get(m.replace(" ", "", 1), cut[1]) < cut[1]]
+        elif cut and sub is not None and len(value) == len(tokens):  # per-token arrays: tokens, types, scores
+            value = value[:cut[1]]
+        yield name, value, f.types[0], sub
 
 
 def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype: str = "f32") -> dict[str, Any]:

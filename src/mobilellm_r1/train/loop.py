@@ -16,13 +16,17 @@ stage; decay on matrices only), clipping, lr from :mod:`.schedule`.
 Exact resume: the model, the optimizer, every rank's sampler state and RNG states are checkpointed;
 ``resume`` continues from the newest checkpoint and produces the same losses and weights, bit for bit on
 CPU, as a run that was never interrupted.
+
+Faults (:mod:`mobilellm_r1.faults`): the stage holds its output folder's lock (:mod:`mobilellm_r1.runlock`);
+SIGTERM / SIGUSR1 end the current step, checkpoint it and raise :class:`~mobilellm_r1.faults.Preempted`; a
+non-finite loss or gradient norm stops the stage (or skips the update, ``nonfinite = "skip"``) before the
+optimizer steps, and a checkpoint with non-finite weights is never written.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +37,10 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, Recipe, StageConfig
-from ..model.io import CheckpointError, atomic_dir
+from ..faults import NonFiniteError, NonFiniteGuard, PreemptionWatch, Preempted
+from ..model.io import CheckpointError
 from ..model.transformer import Transformer
+from ..runlock import run_lock
 from . import checkpoint as ckpt
 from . import distributed as D
 from .metrics import MetricsLog, device_peak, flops_per_token, use_bf16_autocast
@@ -63,6 +69,7 @@ class MicroBatch:
     doc_ids: torch.Tensor | None  # (B, S) when attention is document-masked
     topk_ids: torch.Tensor | None = None  # (B, S, k) cached teacher top-k
     topk_logp: torch.Tensor | None = None
+    rows: list[str] | None = None  # where each row comes from, for errors: "code@1056" (source@token offset)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -94,7 +101,9 @@ class StageModel(nn.Module):
             elif self.teacher is not None:
                 with torch.no_grad():
                     t_hidden = self.teacher(inputs, doc_ids=doc_ids, return_hidden=True)
-                teacher = TeacherTargets(hidden=t_hidden, weight=self.teacher.head_weight)
+                # A student on a cut vocabulary (tokenizer ``SPEC:N``) learns the teacher's distribution
+                # over the ids it has: the first N rows of the teacher's head, renormalised by the KD loss.
+                teacher = TeacherTargets(hidden=t_hidden, weight=self.teacher.head_weight[:self.student.cfg.vocab_size])
         parts = head_loss(hidden, self.student.head_weight, targets, alpha=alpha, temperature=self.temperature,
                           teacher=teacher)
         return torch.stack([parts.loss, parts.ce_sum.to(parts.loss.dtype), parts.kd_sum.to(parts.loss.dtype)])
@@ -143,7 +152,8 @@ class MixtureBatches:
         tokens = torch.from_numpy(b.tokens)
         doc = torch.from_numpy(b.doc_ids).long() if self.doc_mask else None
         inputs, targets = next_token_targets(tokens, doc)
-        mb = MicroBatch(inputs, targets, doc[:, :-1] if doc is not None else None)
+        mb = MicroBatch(inputs, targets, doc[:, :-1] if doc is not None else None,
+                        rows=[f"{s}@{int(st)}" for s, st in zip(b.sources, b.starts)])
         if self.kd_cache is not None:
             s = inputs.shape[1]
             rows = [self.kd_cache.rows(src, int(st), s) for src, st in zip(b.sources, b.starts)]
@@ -167,6 +177,15 @@ def load_model_spec(spec: str, device: torch.device | str = "cpu",
     from ..model.gguf import load_any
 
     return load_any(spec, device=device, dtype=dtype)
+
+
+def teacher_reads(teacher_tok: str, data_tok: str) -> bool:
+    """Whether a KD teacher reads the data's ids as its own: the same tokenizer, or the data's tokenizer is
+    the teacher's cut to its first ids (``smollm2:8192`` under ``smollm2``), whose ids mean the same tokens."""
+    from ..tokenizer import vocab_prefix_of
+
+    cut = vocab_prefix_of(data_tok)
+    return same_tokenizer(teacher_tok, data_tok) or (cut is not None and same_tokenizer(teacher_tok, cut[0]))
 
 
 def same_tokenizer(a: str, b: str) -> bool:
@@ -232,6 +251,24 @@ def _unwrap(model: nn.Module) -> StageModel:
     return model.module if hasattr(model, "module") else model
 
 
+def describe_rows(micro: list[MicroBatch], limit: int = 8) -> str:
+    """A step's rows for an error: how many per source, then the first ``limit`` rows."""
+    from collections import Counter
+
+    rows = [r for mb in micro for r in (mb.rows or [])]
+    if not rows:
+        return "unknown"
+    counts = Counter(r.split("@")[0] for r in rows)
+    more = f", ... ({len(rows) - limit} more)" if len(rows) > limit else ""
+    return ", ".join(f"{s} x{n}" for s, n in counts.items()) + " [" + ", ".join(rows[:limit]) + more + "]"
+
+
+def resume_point(out: Path) -> str:
+    """The checkpoint ``--resume`` would start from, for messages."""
+    found = ckpt.list_checkpoints(out)
+    return str(found[-1][1]) if found else "the beginning (no checkpoint yet)"
+
+
 # --------------------------------------------------------------------------------------------- train
 
 
@@ -274,7 +311,13 @@ def _shards_dir(recipe: Recipe, opts: TrainOptions) -> Path:
 
 
 def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str, Any]:
-    """Train one stage of ``recipe``. Returns a summary (also the last line of ``metrics.jsonl``)."""
+    """Train one stage of ``recipe``. Returns a summary (also the last line of ``metrics.jsonl``).
+    Holds ``opts.out``'s lock throughout (rank 0 for the job; re-entrant under `mobilellm-r1 run`)."""
+    with run_lock(opts.out):
+        return _train_stage(recipe, stage_name, opts)
+
+
+def _train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str, Any]:
     from ..data.mixture import MixtureSampler
     from ..data.shards import ShardSet
 
@@ -301,9 +344,13 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
                 raise ConfigError(f"[stages.{stage_name}.kd] needs a teacher (or top_k > 0 with a cache)")
             teacher, tmeta = load_model_spec(stage.kd.teacher, device="cpu", dtype=torch.float32)
             t_tok = tmeta.get("tokenizer", "")
-            if not t_tok or not same_tokenizer(t_tok, data_tok):
+            if not t_tok or not teacher_reads(t_tok, data_tok):
                 raise ConfigError(f"KD teacher {stage.kd.teacher!r} uses tokenizer {t_tok or 'unknown'!r}, but the "
-                                  f"stage's data is tokenized with {data_tok!r}: distillation needs the same ids")
+                                  f"stage's data is tokenized with {data_tok!r}: distillation needs the same ids "
+                                  "(or the teacher's tokenizer cut to its first ids, e.g. 'smollm2:8192')")
+            if teacher.cfg.vocab_size < student.cfg.vocab_size:
+                raise ConfigError(f"KD teacher {stage.kd.teacher!r} has {teacher.cfg.vocab_size} ids, fewer than the "
+                                  f"student's {student.cfg.vocab_size}")
             teacher.requires_grad_(False)
             teacher = teacher.to(dev).eval()
     if sft:
@@ -349,6 +396,7 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
     optim = make_optimizer(model, stage, dev)
 
     start_step, tokens_seen = 0, 0
+    guard = NonFiniteGuard(stage.nonfinite, stage.nonfinite_max_skips)
     if opts.resume and existing:
         last_step, path = existing[-1]
         loaded = ckpt.load_checkpoint(path)
@@ -362,6 +410,7 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
         batches.load_state_dict(st["samplers"][info.rank])
         ckpt.set_rng_state(loaded["rng"][info.rank])
         start_step, tokens_seen = st["step"], st.get("tokens", 0)
+        guard.skips = st.get("nonfinite_skips", 0)
 
     log = MetricsLog(out, info.is_main, resume_step=start_step if opts.resume else None)
     peak, peak_src = device_peak(dev, bf16=autocast)
@@ -394,6 +443,11 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
 
     def save(step: int) -> None:
         msd, osd = gather_state(model, optim)
+        # A finite loss can still be followed by an update that overflows the weights: never checkpoint those.
+        bad = info.is_main and not ckpt.all_finite(msd)  # decided on rank 0 (FSDP gathers there), agreed by all
+        if D.all_reduce_sum([float(bad)], info)[0] > 0:
+            raise NonFiniteError(f"step {step}: the weights are not finite after this step's update (the loss "
+                                 f"was finite): not saved; --resume starts from {resume_point(out)}. Lower the lr")
         samplers = D.gather_objects(batches.state_dict(), info)
         rngs = D.gather_objects(ckpt.rng_state(), info)
         if info.is_main:
@@ -402,7 +456,8 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
                                  optim_state=osd, rng_states=rngs, keep=stage.keep_checkpoints,
                                  trainer_state={"stage": stage_name, "world_size": info.world_size,
                                                 "tokens": tokens_seen, "samplers": samplers,
-                                                "steps_total": steps_total, "accum": accum})
+                                                "steps_total": steps_total, "accum": accum,
+                                                "nonfinite_skips": guard.skips})
         D.barrier(info)
 
     summary: dict[str, Any] = {"stage": stage_name, "kind": stage.kind, "steps_total": steps_total,
@@ -425,6 +480,7 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
         bar = tqdm(total=run_until, initial=start_step, desc=stage_name, unit="step", dynamic_ncols=True)
     losses, rates = [], []
     step = start_step
+    watch = PreemptionWatch().start()  # from here SIGTERM/SIGUSR1 end the step, checkpoint and stop
     try:
         while step < run_until:
             t0 = time.perf_counter()
@@ -439,18 +495,22 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
                 sums += out3.detach().double().cpu()
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                          stage.grad_clip if stage.grad_clip > 0 else float("inf")))
+            tot = D.all_reduce_sum(sums, info) / max(float(kept), 1.0)  # the same on every rank, as is gnorm
+            loss = float(tot[0])
             lr = lr_at(step, steps_total, stage)
-            for g in optim.param_groups:
-                g["lr"] = lr
-            optim.step()
+            finite = math.isfinite(loss) and math.isfinite(gnorm)
+            if not finite:  # raises, or counts a skip: this step's update is dropped
+                guard.on_nonfinite(step + 1, loss, gnorm, describe_rows(micro), resume_point(out))
+            else:
+                for g in optim.param_groups:
+                    g["lr"] = lr
+                optim.step()
             optim.zero_grad(set_to_none=True)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             step += 1
             tokens_seen += step_tokens
-            tot = D.all_reduce_sum(sums, info) / max(float(kept), 1.0)
             dt = time.perf_counter() - t0
-            loss = float(tot[0])
             losses.append(loss)
             rates.append(step_tokens / dt)
             rec = {"step": step, "loss": loss, "ce": float(tot[1]), "lr": lr, "grad_norm": gnorm,
@@ -458,7 +518,9 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
                    "mfu": (fpt * step_tokens / dt / info.world_size / peak) if peak else None}
             if stage.kd is not None and stage.kd.alpha > 0:
                 rec["kd"] = float(tot[2])
-            if step % max(1, stage.log_every) == 0 or step == run_until:
+            if guard.skips:
+                rec["nonfinite_skips"] = guard.skips
+            if step % max(1, stage.log_every) == 0 or step == run_until or not finite:
                 log.log(rec)
             if bar is not None:
                 bar.update(1)
@@ -467,9 +529,15 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
                 h = heldout_loss()
                 if h is not None:
                     log.log({"step": step, "heldout_loss": h})
-            if (stage.save_every and step % stage.save_every == 0) or step == run_until:
+            stop = D.all_reduce_sum([float(watch.signame is not None)], info)[0] > 0  # every rank stops together
+            if (stage.save_every and step % stage.save_every == 0) or step == run_until or stop:
                 save(step)
+            if stop and step < run_until:
+                log.close()
+                raise Preempted(watch.signame or "a signal to another rank", step,
+                                ckpt.checkpoints_dir(out) / f"step_{step:08d}")
     finally:
+        watch.stop()
         if bar is not None:
             bar.close()
 
@@ -477,10 +545,7 @@ def train_stage(recipe: Recipe, stage_name: str, opts: TrainOptions) -> dict[str
     if h1 is not None:
         log.log({"step": step, "heldout_loss": h1})
     if info.is_main:  # the stage's result, for the next stage's init_from and for export
-        newest = ckpt.list_checkpoints(out)[-1][1]
-        with atomic_dir(out / "final") as tmp:
-            for name in ("model.safetensors", "config.json", ckpt.STATE):
-                shutil.copy2(newest / name, tmp / name)
+        ckpt.publish_final(ckpt.list_checkpoints(out)[-1][1], out / "final")
     steady = rates[1:] or rates
     tps = float(np.mean(steady)) if steady else 0.0
     summary.update({"steps": step, "final_loss": losses[-1] if losses else None, "losses": losses,
