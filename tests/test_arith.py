@@ -39,6 +39,26 @@ def test_splits_are_disjoint_in_text_and_computation(splits):
         assert {lv: levels.count(lv) for lv in (1, 2, 3)} == {lv: len(levels) // 3 for lv in (1, 2, 3)}
 
 
+def test_drill_is_the_tasks_fact_table_and_no_problem(splits):
+    """The drill source holds exactly the one-step computations problems contain (every step of every split
+    is in the table, and every drilled line is a table fact with its right result), one per line."""
+    from mobilellm_r1.data.arith import fact_table, iter_drill_docs
+
+    table = set(fact_table(SMALL))
+    assert {st for s in SPLITS for p in splits[s] for st in p.steps} <= table
+    docs = list(iter_drill_docs(SMALL, docs=50, per_doc=32))
+    assert docs == list(iter_drill_docs(SMALL, docs=50, per_doc=32)) and len(docs) == 50
+    ops_seen = set()
+    for d in docs:
+        lines = d["text"].split("\n")
+        assert len(lines) == 32
+        for line in lines:
+            a, op, b, eq, r = line.split(" ")
+            assert eq == "=" and (op, int(a), int(b), int(r)) in table
+            ops_seen.add(op)
+    assert ops_seen == {"+", "-", "*", "/"}  # operations drawn uniformly, not by table size (*, / are small)
+
+
 def test_every_answer_grades_correct_against_its_solution(splits):
     from mobilellm_r1.eval.tasks.arith import score
     from mobilellm_r1.eval.tasks.base import Example

@@ -165,6 +165,22 @@ def test_gguf_round_trip_for_a_model_without_qk_norm(tmp_path):
         torch.testing.assert_close(m2(x), m(x))
 
 
+@pytest.mark.slow  # reads SmolLM2's 49k-token vocabulary out of its GGUF
+def test_gguf_of_a_cut_vocabulary_embeds_the_cut_tokenizer(tmp_path):
+    """A model on ``smollm2:1024`` exports with SmolLM2's tokenizer cut the same way: 1024 tokens, only the
+    merges that build one of them, and llama.cpp's reading of it (our gguf tokenizer) encodes as the cut."""
+    from mobilellm_r1.tokenizer import load_tokenizer
+
+    m = _micro(n_layers=1, vocab_size=1024)
+    export_gguf(m, tmp_path / "m.gguf", "smollm2:1024")
+    cut, back = load_tokenizer("smollm2:1024"), load_tokenizer(str(tmp_path / "m.gguf"))
+    assert back.vocab_size == 1024
+    for text in ["Tom has 11 tickets. He finds 15 more tickets.\n11 + 15 = 26", "def f(a, b):\n    return a"]:
+        assert back.encode(text) == cut.encode(text)
+    with pytest.raises(ValueError, match="has 1024 tokens but"):
+        export_gguf(_micro(n_layers=1, vocab_size=512), tmp_path / "bad.gguf", "smollm2:1024")
+
+
 def _tokenizer_gguf(path, n: int) -> str:
     """A GGUF holding only a ``gpt2``-style tokenizer of ``n`` tokens (what export_gguf embeds)."""
     import gguf

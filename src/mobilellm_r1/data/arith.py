@@ -249,6 +249,34 @@ def contamination(problems: Iterable[str], files: Iterable[str | Path]) -> dict:
             "chars_scanned": nbytes, "where": dict(list(found.items())[:5])}
 
 
+def fact_table(cfg: ArithConfig = ArithConfig()) -> list[tuple[str, int, int, int]]:
+    """Every one-step computation a problem of ``cfg`` can contain, as ``(op, left, operand, result)``:
+    the same ranges as :func:`_draw_op`, so the table is exactly the arithmetic the task asks for."""
+    facts = []
+    for a in range(2, cfg.max_result + 1):
+        facts += [("+", a, b, a + b) for b in range(2, min(cfg.max_value, cfg.max_result - a) + 1)]
+        facts += [("-", a, b, a - b) for b in range(1, min(cfg.max_value, a - 2) + 1)] if a >= 4 else []
+        facts += [("*", a, k, a * k) for k in range(2, cfg.max_factor + 1) if a * k <= cfg.max_result]
+        facts += [("/", a, k, a // k) for k in range(2, cfg.max_factor + 1) if a % k == 0 and a // k >= 2]
+    return facts
+
+
+def iter_drill_docs(cfg: ArithConfig = ArithConfig(), docs: int = 2000, per_doc: int = 32) -> Iterator[dict]:
+    """Pre-training text: single equations of the task's own fact table (:func:`fact_table`), ``per_doc``
+    a document: an operation uniformly (as problems draw them), then one of its facts (seeded). Why: a worked problem supervises one to three results in ~100
+    tokens, so a small model copies the operands into its equations long before it can add them (measured:
+    after 3000 SFT updates, 139 of 256 first steps had the right operands and a wrong result). A line here
+    is ~8 tokens, all arithmetic. Facts carry no problem text, names or chains: no test problem leaks."""
+    by_op: dict[str, list[tuple[str, int, int, int]]] = {}
+    for f in fact_table(cfg):
+        by_op.setdefault(f[0], []).append(f)
+    ops = sorted(by_op)
+    rng = random.Random(cfg.seed + 1)
+    for i in range(docs):
+        lines = (f"{a} {op} {b} = {r}" for op, a, b, r in (rng.choice(by_op[rng.choice(ops)]) for _ in range(per_doc)))
+        yield {"id": f"arith/drill/{i}", "text": "\n".join(lines)}
+
+
 def iter_pretrain_docs(problems: list[Problem], per_doc: int = 8) -> Iterator[dict]:
     """Pre-training text: worked problems, several per document, in the plain question/answer form."""
     for i in range(0, len(problems), per_doc):
