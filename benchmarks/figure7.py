@@ -153,7 +153,10 @@ def main() -> None:
     if missing:
         raise SystemExit(f"error: {args.shards} has no source {missing[0]!r} (it has {', '.join(shards.sources)})")
     recipe = load_recipe(resolve_recipe(args.recipe))
-    m = recipe.model
+    # The shards decide the tokenizer and so the vocabulary, not the recipe: --shards may be tokenized with
+    # another tokenizer than the recipe's (the tiny recipe reads SmolLM2 cut to 8,192 ids).
+    recipe.data.tokenizer = shards.index["tokenizer"]
+    m = dataclasses.replace(recipe.model, vocab_size=int(shards.index["vocab_size"]))
     recipe.model = dataclasses.replace(model_preset(args.preset, vocab_size=m.vocab_size), bos_id=m.bos_id,
                                        eos_ids=m.eos_ids, pad_id=m.pad_id, max_seq_len=max(args.seq_len, 128))
     recipe.data.heldout_fraction = args.heldout_fraction
