@@ -338,3 +338,12 @@ def test_kill_during_pretraining_resumes_from_checkpoint(tmp_path):
     assert st["tokenize"] == "cached" and st["pretrain_p1"] == "ran"
     o = json.loads((out / "pretrain_p1" / "stage.json").read_text())["outputs"]
     assert o["resumed_from"] is not None and o["resumed_from"] >= 3 and o["steps"] == 40
+    # the same stage changed (40 -> 6 steps) runs anew: its 40-step checkpoints are not resumed as its own
+    recipe = write_recipe(tmp_path, corpus, p1_steps=6,
+                          skip=["curate", "mix", "pretrain_p2", "midtrain_p1", "coevolve", "midtrain_p2", "evaluate", "deploy"])
+    res = run(recipe, out)
+    assert {s["stage"]: s["status"] for s in res["stages"]}["pretrain_p1"] == "ran"
+    o = json.loads((out / "pretrain_p1" / "stage.json").read_text())["outputs"]
+    assert o["resumed_from"] is None and o["steps"] == 6
+    assert all(int(c.name.split("_")[-1]) <= 6 for c in (out / "pretrain_p1" / "checkpoints").glob("step_*"))
+    assert not (out / "pretrain_p1" / "stage.running.json").exists()

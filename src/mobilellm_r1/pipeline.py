@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -207,6 +208,26 @@ class RunOptions:
     log: Callable[[str], None] | None = None
 
 
+RUNNING = "stage.running.json"  # the key of a stage that started and has not finished (yet)
+KEEP_ON_RERUN = {"corpus"}  # its folder is the corpus, whose sources are rebuilt or kept by their own check
+
+
+def _fresh_stage_dir(out: Path, key: str, finished: bool) -> None:
+    """Ready ``out`` for a stage run under ``key``. An interrupted run of the same key keeps its folder, so
+    a training stage resumes from its newest checkpoint. A stage run again (a new key, or --from / --only
+    on a finished one) starts empty: its old checkpoints would otherwise be resumed as if they were its
+    own (measured: a GRPO stage changed from 24 to 10 steps "ran" in 3 s and kept the 24-step model)."""
+    marker = out / RUNNING
+    started = json.loads(marker.read_text()).get("key") if marker.is_file() else None
+    if out.is_dir() and out.name not in KEEP_ON_RERUN and (finished or (started is not None and started != key)):
+        stale = out.with_name(f".{out.name}.stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        out.rename(stale)  # one rename, then the delete: an interruption never leaves a half-emptied folder
+        shutil.rmtree(stale, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"key": key})
+
+
 def run_pipeline(recipe: Recipe, opts: RunOptions) -> dict[str, Any]:
     """Run the stages of ``recipe`` into its run directory, holding the directory's lock (one writer; the
     training stages run in this process and lock their own folders inside it re-entrantly)."""
@@ -252,13 +273,14 @@ def _run_stages(recipe: Recipe, opts: RunOptions, stages: list[Stage]) -> dict[s
             log(f"[{st.name}] running")
             t0 = time.perf_counter()
             ctx = Context(recipe, run_dir, pc, st, upstream, opts.progress)
-            ctx.out.mkdir(parents=True, exist_ok=True)
+            _fresh_stage_dir(ctx.out, key, finished=have is not None)
             outputs = RUNNERS[st.kind](ctx)
             secs = time.perf_counter() - t0
             manifest = {"stage": st.name, "kind": st.kind, "status": "done", "key": key,
                         "run_id": uuid.uuid4().hex[:12], "deps": {d: upstream[d]["run_id"] for d in st.deps},
                         "config": st.config, "outputs": outputs, "seconds": secs, "finished": time.time()}
             write_json(ctx.out / MANIFEST, manifest, indent=2)
+            (ctx.out / RUNNING).unlink(missing_ok=True)
             upstream[st.name] = manifest
             done.append({"stage": st.name, "status": "ran", "seconds": secs})
             log(f"[{st.name}] done in {secs:.1f}s")
