@@ -1,0 +1,57 @@
+"""The optional vLLM engine (skipped without the `vllm` extra): our export under vLLM generates our greedy
+tokens, LS weight sharing included; a weight push through vLLM's `load_weights` makes it generate the new
+model's tokens (GRPO's per-step sync); finish reasons map to ours."""
+
+import pytest
+import torch
+
+from mobilellm_r1.config import model_preset
+from mobilellm_r1.model import Transformer
+from mobilellm_r1.model.generate import generate
+from mobilellm_r1.model.vllm_backend import INSTALL_HINT, VLLMEngine, VLLMOptions, vllm_available
+
+pytestmark = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (optional extra)")
+
+PROMPTS = [[1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [1, 7, 8], [1, 300, 301, 302, 303, 304]]
+
+
+def small_model(seed=0, **kw):
+    # init_std 0.3 gives peaked logits: fp32 reductions in a different order cannot flip an argmax
+    base = dict(vocab_size=512, bos_id=1, eos_ids=[2], pad_id=0, max_seq_len=256, init_std=0.3)
+    torch.manual_seed(seed)
+    return Transformer(model_preset("micro", **{**base, **kw})).eval()
+
+
+def ours(model, n=24, stop=()):
+    return generate(model, PROMPTS, n, stop_token_ids=list(stop)).token_ids
+
+
+@pytest.mark.parametrize("weight_sharing", [False, True])
+def test_greedy_equals_ours_and_weight_push(weight_sharing):
+    a, b = small_model(0, weight_sharing=weight_sharing), small_model(1, weight_sharing=weight_sharing)
+    eng = VLLMEngine(a, VLLMOptions(dtype="float32", enforce_eager=True))
+    try:
+        got = [c[0].token_ids for c in eng.generate(PROMPTS, 24, stop_token_ids=[])]
+        assert got == ours(a)
+        assert ours(a) != ours(b)
+        eng.load_model_weights(b)
+        got = [c[0].token_ids for c in eng.generate(PROMPTS, 24, stop_token_ids=[])]
+        assert got == ours(b)
+        # a stop id ends a row with it kept, as our generator keeps it
+        stop = ours(b)[0][5]
+        res = eng.generate(PROMPTS[:1], 24, stop_token_ids=[stop])[0][0]
+        assert (res.token_ids, res.finish_reason) == (ours(b, stop=[stop])[0], "stop_token")
+        # n samples of one prompt, seeded per request: reproducible, and the n differ
+        s1 = eng.generate(PROMPTS[1:2], 16, n=4, temperature=1.0, seed=7, stop_token_ids=[])[0]
+        s2 = eng.generate(PROMPTS, 16, n=4, temperature=1.0, seed=6, stop_token_ids=[])[1]
+        assert [c.token_ids for c in s1] == [c.token_ids for c in s2]
+        assert len({tuple(c.token_ids) for c in s1}) > 1
+        assert all(c.finish_reason == "length" and len(c.token_ids) == 16 for c in s1)
+        with pytest.raises(ValueError, match="at least one token"):
+            eng.generate([[]], 4)
+    finally:
+        eng.close()
+
+
+def test_hint_names_the_extra():
+    assert "mobilellm-r1[vllm]" in INSTALL_HINT
