@@ -60,3 +60,22 @@ def test_cpu_precision_benchmark_reports_ratios():
     assert all(v > 0 for v in out["step_s"].values())
     assert out["bf16_over_fp32"]["sft"] == pytest.approx(out["step_s"]["sft_fp32"] / out["step_s"]["sft_bf16"])
     assert out["fast_dtype_uses_bf16"] == (out["bf16_matmul_speedup"] >= 1.3)
+
+
+@pytest.mark.parametrize("workload", ["longtail", "samples"])
+def test_generate_benchmark_engine_workloads(workload):
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generate.py"), "--workload", workload,
+                          "--preset", "micro", "--vocab-size", "512", "--requests", "12", "--slots", "4",
+                          "--new-tokens", "48", "--n", "8", "--prompt-tokens", "16", "--stop-share", "0.05",
+                          "--repeats", "1", "--json"],
+                         capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO / "src")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["ratio_vs_static"] > 0 and out["tokens_per_s"] > 0
+    assert out["cache_positions"]["engine"] <= out["cache_positions"]["static"]
+    if workload == "longtail":
+        assert out["identical_greedy_tokens"] is True
+        assert out["completion_lengths"]["max"] >= 10 * out["completion_lengths"]["min"]
+    else:
+        assert out["prefills"] == {"static": 8, "engine": 1}

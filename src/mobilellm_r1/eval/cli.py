@@ -90,7 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=-1.0, help="default: greedy for 1 sample, else 0.6")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="generation: slots of the continuous-batching engine (memory: slots x context); "
+                        "multiple choice: rows per forward pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fewshot", type=int, default=None, help="multiple choice: exemplars (MMLU default 5)")
     p.add_argument("--fewshot-data", help="multiple choice: file of exemplars (e.g. MMLU dev)")

@@ -48,7 +48,7 @@ class EvalConfig:
     temperature: float = -1.0  # <0: greedy for 1 sample, 0.6 when sampling several
     top_p: float = 0.95
     max_new_tokens: int = 0
-    batch_size: int = 8
+    batch_size: int = 8  # generation: engine slots (model/engine.py)
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -130,7 +130,8 @@ def summarize(records: list[dict], n_examples: int, by_level: bool = True) -> di
 
 
 def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:
-    from ..model.generate import generate
+    from ..model.engine import EngineConfig, Request, sample_seed
+    from ..model.engine import run as run_engine
     from ..tokenizer import load_tokenizer
     from ..train.distributed import pick_device
     from ..train.loop import load_model_spec
@@ -183,39 +184,38 @@ def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:
 
     stop_ids = sorted({i for i in list(tok.eos_ids) + list(model.cfg.eos_ids) if 0 <= i < model.cfg.vocab_size})
     budget = model.cfg.max_seq_len
-    enc = {ex.id: encode(ex) for ex, _ in todo}
-    todo.sort(key=lambda t: len(enc[t[0].id]))  # similar lengths batch together: less padding
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc=f"eval {task.name}", unit="sample")
-    t0, gen_tokens = time.perf_counter(), 0
+    enc = {ex.id: encode(ex)[-(budget - max_new):] for ex, _ in todo}  # keep the question's end
+    # One engine request per problem with its missing samples: the prompt is prefilled once for all n.
+    # Each sample's seed depends on the problem's place in the task and the sample's index only, so a
+    # resumed or re-sliced run draws the same samples.
+    position = {ex.id: k for k, ex in enumerate(examples)}
+    groups: dict[str, list[tuple[Example, int]]] = {}
+    for ex, s in todo:
+        groups.setdefault(ex.id, []).append((ex, s))
+    keys = list(groups)
+    requests = [Request(enc[k], min(max_new, budget - len(enc[k])), n=len(groups[k]),
+                        seeds=[sample_seed(cfg.seed, position[k], s) for _, s in groups[k]]) for k in keys]
+    engine_cfg = EngineConfig(slots=cfg.batch_size, temperature=temperature, top_p=cfg.top_p, seed=cfg.seed,
+                              stop_token_ids=stop_ids, stop_strings=task.stops(style), progress=cfg.progress,
+                              desc=f"eval {task.name}",
+                              max_len=max((len(r.prompt) + r.max_new_tokens for r in requests), default=1))
+    t0 = time.perf_counter()
     with samples_path.open("a") as sink:
-        for i in range(0, len(todo), cfg.batch_size):
-            chunk = todo[i:i + cfg.batch_size]
-            prompts = [enc[ex.id][-(budget - max_new):] for ex, _ in chunk]  # keep the question's end
-            with torch.inference_mode():
-                res = generate(model, prompts, min(max_new, budget - max(map(len, prompts))),
-                               temperature=temperature, top_p=cfg.top_p, seed=cfg.seed + i,
-                               stop_token_ids=stop_ids, stop_strings=task.stops(style), decode=tok.decode)
-            for (ex, s), ids, why in zip(chunk, res.token_ids, res.finish_reasons):
-                ids = ids[:-1] if why == "stop_token" else ids
-                text = tok.decode(ids)
-                for st in task.stops(style):
-                    if st in text:
-                        text = text[:text.index(st)]
-                verdict = task.score(text, ex)
-                rec = {"id": ex.id, "sample": s, "completion": text, "finish_reason": why,
-                       "new_tokens": len(ids), **verdict}
-                sink.write(json.dumps(rec, default=str) + "\n")
-                done.append(rec)
-            sink.flush()
-            gen_tokens += res.new_tokens
-            if bar is not None:
-                bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+        def record(ri: int, si: int, c) -> None:
+            ex, s = groups[keys[ri]][si]
+            ids = c.token_ids[:-1] if c.finish_reason == "stop_token" else c.token_ids
+            text = tok.decode(ids)
+            for st in task.stops(style):
+                if st in text:
+                    text = text[:text.index(st)]
+            rec = {"id": ex.id, "sample": s, "completion": text, "finish_reason": c.finish_reason,
+                   "new_tokens": len(ids), **task.score(text, ex)}
+            sink.write(json.dumps(rec, default=str) + "\n")
+            sink.flush()  # a killed run resumes from here
+            done.append(rec)
+
+        res = run_engine(model, requests, engine_cfg, decode=tok.decode, on_complete=record) if requests else None
+    gen_tokens = res.new_tokens if res is not None else 0
     secs = time.perf_counter() - t0
     summary = {"task": task.name, "model": model_spec, "data": data, "style": style, "n_samples": n_samples,
                "temperature": temperature, "top_p": cfg.top_p, "max_new_tokens": max_new,

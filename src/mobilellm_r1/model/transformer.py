@@ -117,12 +117,21 @@ class Attention(nn.Module):
                 k = F.rms_norm(k.float(), (hd,), eps=self.eps).type_as(k)
         return q, k, v
 
-    def forward(self, x, cos, sin, mask, is_causal, kv, start: int, end: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, is_causal, kv, start, end: int, rows=None) -> torch.Tensor:
         b, s, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.project(x, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if kv is not None:
+        if kv is not None and isinstance(start, torch.Tensor):
+            # slot decode (continuous batching): x's row r is cache row rows[r], writing at its own start[r]
+            k_buf, v_buf = kv
+            r = torch.arange(b, device=x.device) if rows is None else rows
+            k_buf[r, :, start] = k[:, :, 0]
+            v_buf[r, :, start] = v[:, :, 0]
+            k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+            if rows is not None:
+                k, v = k.index_select(0, rows), v.index_select(0, rows)
+        elif kv is not None:
             k_buf, v_buf = kv
             k_buf[:, :, start:end] = k
             v_buf[:, :, start:end] = v
@@ -163,8 +172,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv, start: int, end: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv, start, end)
+    def forward(self, x, cos, sin, mask, is_causal, kv, start, end: int, rows=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv, start, end, rows)
         return x + self.feed_forward(self.post_attention_layernorm(x))
 
 
@@ -196,6 +205,13 @@ class KVCache:
 
     def slot(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
+
+    def rows(self, i: int, j: int) -> "KVCache":
+        """A cache over batch rows ``i:j`` that shares this one's storage (prefilling one slot)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.key_valid = self.k[:, i:j], self.v[:, i:j], self.key_valid[i:j]
+        view.masked, view.length = False, 0
+        return view
 
     def reset(self) -> None:
         self.length = 0
@@ -316,6 +332,8 @@ class Transformer(nn.Module):
         start_pos: int | None = None,
         return_hidden: bool = False,
         last_only: bool = False,
+        slot_pos: torch.Tensor | None = None,
+        slot_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, S, vocab)`` for token ids ``(B, S)``.
 
@@ -330,10 +348,26 @@ class Transformer(nn.Module):
         - ``return_hidden``: return the final-normed hidden states ``(B, S, dim)`` instead of logits
           (pair with :meth:`logits` for a chunked loss).
         - ``last_only``: only the last position (prefill for generation).
+        - ``slot_pos`` ``(B,)`` with ``ids`` ``(B, 1)``: one decode step of a slot cache (continuous batching,
+          :mod:`mobilellm_r1.model.engine`): row r writes at its own position ``slot_pos[r]`` of cache row
+          ``slot_rows[r]`` (default r) and attends to that row's positions up to it. ``cache.length`` is
+          left alone: each slot keeps its own length.
         """
         b, s = ids.shape
         h = self.embed_tokens(ids)
         mask, is_causal = None, False
+        if slot_pos is not None:
+            if cache is None or s != 1:
+                raise ValueError("slot_pos is one decode step (ids of shape (B, 1)) on a KV cache")
+            end = int(slot_pos.max()) + 1
+            if end > cache.max_len:
+                raise ValueError(f"KV cache full: position {end - 1} exceeds its length {cache.max_len}")
+            mask = (torch.arange(end, device=ids.device)[None, :] <= slot_pos[:, None])[:, None, None, :]
+            cos, sin = self.rope_cos[slot_pos][:, None, None], self.rope_sin[slot_pos][:, None, None]
+            for app, li in enumerate(self.schedule):
+                h = self.layers[li](h, cos, sin, mask, False, cache.slot(app), slot_pos, end, slot_rows)
+            h = self.norm(h)
+            return h if return_hidden else self.logits(h)
         if cache is not None:
             if doc_ids is not None:
                 raise ValueError("doc_ids cannot be combined with a KV cache")

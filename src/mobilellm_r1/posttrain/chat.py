@@ -7,7 +7,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
-import torch
 
 
 @dataclass
@@ -59,7 +58,8 @@ class ChatSession:
 
     def reply(self, user: str, out: TextIO | None = None) -> dict[str, Any]:
         """Answer ``user`` (appended to the conversation), writing text to ``out`` as it is generated."""
-        from ..model.generate import generate
+        from ..model.engine import EngineConfig, Request
+        from ..model.engine import run as run_engine
 
         self.messages.append({"role": "user", "content": user})
         prompt = self.tok.apply_chat_template(self.messages, add_generation_prompt=True)
@@ -68,21 +68,24 @@ class ChatSession:
             raise ValueError(f"the conversation ({len(prompt)} tokens) fills the model's context")
         stream = StreamDecoder(self.tok.decode, set(self.stop))
 
-        def on_token(_row: int, t: int) -> None:
+        def on_token(_req: int, _sample: int, t: int) -> None:
             piece = stream.push(t)
             if piece and out is not None:
                 out.write(piece)
                 out.flush()
 
-        with torch.inference_mode():
-            res = generate(self.model, [prompt], min(self.opts.max_new_tokens, budget),
-                           temperature=self.opts.temperature, top_p=self.opts.top_p, seed=self.opts.seed,
-                           stop_token_ids=self.stop, pad_id=0, on_token=on_token)
-        ids = res.token_ids[0]
+        res = run_engine(self.model, [Request(prompt, min(self.opts.max_new_tokens, budget))],
+                         EngineConfig(slots=1, temperature=self.opts.temperature, top_p=self.opts.top_p,
+                                      seed=self.opts.seed, stop_token_ids=self.stop,
+                                      max_len=len(prompt) + min(self.opts.max_new_tokens, budget)),
+                         on_token=on_token)
+        reply = res.completions[0][0]
+        ids = reply.token_ids
         text = self.tok.decode([t for t in ids if t not in self.stop])
         self.messages.append({"role": "assistant", "content": text})
-        return {"reply": text, "new_tokens": len(ids), "finish_reason": res.finish_reasons[0],
-                "prompt_tokens": len(prompt), **res.timing()}
+        return {"reply": text, "new_tokens": len(ids), "finish_reason": reply.finish_reason,
+                "prompt_tokens": len(prompt), **res.timing_s, "total_s": res.seconds,
+                "tokens_per_s": res.tokens_per_s}
 
 
 def interactive(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:

@@ -194,7 +194,8 @@ def load_prompts(recipe: Recipe, stage_name: str, tok, cfg: GRPOConfig, run_dir:
 def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, Any]:
     """Run a ``kind = "grpo"`` stage. Returns a summary (also the last line of ``metrics.jsonl``)."""
     from ..faults import NonFiniteGuard, PreemptionWatch, Preempted
-    from ..model.generate import generate
+    from ..model.engine import EngineConfig, Request
+    from ..model.engine import run as run_engine
     from ..tokenizer import load_tokenizer
     from ..train import checkpoint as ckpt
     from ..train.distributed import pick_device
@@ -288,12 +289,18 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
             idx = next_prompts()
             batch = [prompts.ids[i] for i in idx for _ in range(cfg.group_size)]
             policy.eval()
-            gen = generate(policy, batch, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                           seed=recipe.run.seed * 1_000_003 + step, stop_token_ids=stop_ids, pad_id=pad)
+            # one engine request per prompt: its group's G samples share one prefill; slots = the whole
+            # step's rollouts, so a finished sample's slot never waits for work
+            eng = run_engine(policy, [Request(prompts.ids[i], cfg.max_new_tokens, n=cfg.group_size) for i in idx],
+                             EngineConfig(slots=len(batch), temperature=cfg.temperature, top_p=cfg.top_p,
+                                          seed=recipe.run.seed * 1_000_003 + step, stop_token_ids=stop_ids,
+                                          max_len=max(map(len, batch)) + cfg.max_new_tokens))
+            gen_ids = [c.token_ids for cs in eng.completions for c in cs]
+            gen_reasons = [c.finish_reason for cs in eng.completions for c in cs]
             policy.train()
             t_gen = time.perf_counter() - t0
-            comps = [ids if ids else [stop_ids[0]] for ids in gen.token_ids]
-            texts = [tok.decode(c[:-1] if r == "stop_token" else c) for c, r in zip(comps, gen.finish_reasons)]
+            comps = [ids if ids else [stop_ids[0]] for ids in gen_ids]
+            texts = [tok.decode(c[:-1] if r == "stop_token" else c) for c, r in zip(comps, gen_reasons)]
             golds = [prompts.gold[i] for i in idx for _ in range(cfg.group_size)]
             rewards = torch.tensor([reward_fn(t, g) for t, g in zip(texts, golds)], dtype=torch.float32)
             adv = group_advantages(rewards.view(len(idx), cfg.group_size)).view(-1)
@@ -341,11 +348,11 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
             mean_len = float(np.mean([len(c) for c in comps]))
             rewards_hist.append(mean_r)
             lengths_hist.append(mean_len)
-            trunc_hist.append(sum(r == "length" for r in gen.finish_reasons) / n)
+            trunc_hist.append(sum(r == "length" for r in gen_reasons) / n)
             rec = {"step": step, "reward_mean": mean_r, "reward_std": float(rewards.std(unbiased=False)),
                    "completion_len_mean": mean_len, "loss": loss_sum, "kl": info["kl"],
                    "clip_frac": info["clip_frac"], "lr": lr, "grad_norm": gnorm,
-                   "samples_per_s": n / dt, "gen_tokens_per_s": gen.new_tokens / t_gen if t_gen > 0 else None,
+                   "samples_per_s": n / dt, "gen_tokens_per_s": eng.new_tokens / t_gen if t_gen > 0 else None,
                    "truncated": trunc_hist[-1]}
             log.log(rec)
             if bar is not None:
