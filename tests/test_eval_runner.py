@@ -141,3 +141,17 @@ def test_hub_data_offline_is_a_task_data_error():
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.startswith("SKIP hf:openai/gsm8k") and "--data" in res.stdout
+
+
+def test_engine_vllm_without_the_extra_is_a_clear_error(tmp_path):
+    from mobilellm_r1.model.vllm_backend import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    from mobilellm_r1.eval.runner import EvalConfig, run_eval
+    from mobilellm_r1.eval.tasks.base import TaskDataError
+
+    with pytest.raises(TaskDataError, match=r"mobilellm-r1\[vllm\]"):
+        run_eval("unused", EvalConfig(task="arith", engine="vllm", out=str(tmp_path)))
+    with pytest.raises(TaskDataError, match="unknown engine"):
+        run_eval("unused", EvalConfig(task="arith", engine="tgi", out=str(tmp_path)))

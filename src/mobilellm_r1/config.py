@@ -162,6 +162,7 @@ class GRPOConfig:
     reference: str = ""  # "" = none (needs kl_beta 0), "init" = the starting weights, or a model spec
     updates_per_batch: int = 1  # optimizer steps on each batch of rollouts (>1 makes the ratio != 1)
     reward: str = "math"  # math (answer graded by eval.grading.math) | code (tests in the sandbox)
+    engine: str = "ours"  # rollouts: ours (continuous batching) | vllm (optional extra; weights pushed each step)
 
 
 @dataclass

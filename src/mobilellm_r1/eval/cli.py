@@ -32,7 +32,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(task=args.task, data=args.data or "", out=args.out or "", limit=args.limit,
                      n_samples=args.n_samples, style=args.style, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                     device=args.device, progress=not args.json)
+                     device=args.device, progress=not args.json, engine=args.engine)
     try:
         res = run_eval(args.model, cfg)
     except (TaskDataError, CheckpointError) as e:
@@ -94,6 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="generation: slots of the continuous-batching engine (memory: slots x context); "
                         "multiple choice: rows per forward pass")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=["ours", "vllm"], default="ours",
+                   help="generation engine: ours (continuous batching) or vllm (optional extra: "
+                        "pip install 'mobilellm-r1[vllm]')")
     p.add_argument("--fewshot", type=int, default=None, help="multiple choice: exemplars (MMLU default 5)")
     p.add_argument("--fewshot-data", help="multiple choice: file of exemplars (e.g. MMLU dev)")
     p.add_argument("--device", default="auto")

@@ -49,6 +49,7 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int = 0
     batch_size: int = 8  # generation: engine slots (model/engine.py)
+    engine: str = "ours"  # ours | vllm (optional extra; model/vllm_backend.py)
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -136,6 +137,13 @@ def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:
     from ..train.distributed import pick_device
     from ..train.loop import load_model_spec
 
+    if cfg.engine not in ("ours", "vllm"):
+        raise TaskDataError(f"unknown engine {cfg.engine!r} (ours, vllm)")
+    if cfg.engine == "vllm":
+        from ..model.vllm_backend import INSTALL_HINT, vllm_available
+
+        if not vllm_available():
+            raise TaskDataError(INSTALL_HINT)
     tasks = all_tasks()
     if cfg.task not in tasks:
         raise TaskDataError(f"unknown task {cfg.task!r}; tasks: {', '.join(sorted(tasks))}")
@@ -214,10 +222,26 @@ def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:
             sink.flush()  # a killed run resumes from here
             done.append(rec)
 
-        res = run_engine(model, requests, engine_cfg, decode=tok.decode, on_complete=record) if requests else None
+        if not requests:
+            res = None
+        elif cfg.engine == "vllm":
+            from ..model.vllm_backend import VLLMEngine, VLLMOptions
+
+            # a checkpoint folder exports with its tokenizer files, which vLLM needs for stop strings
+            eng = VLLMEngine(model_spec if Path(model_spec).is_dir() else model,
+                             VLLMOptions(max_model_len=budget, seed=cfg.seed,
+                                         # vLLM's "auto" halves an fp32 checkpoint; on a CPU we decode fp32
+                                         dtype="float32" if dev.type == "cpu" else "auto"))
+            try:
+                res = eng.run(requests, engine_cfg, on_complete=record)
+            finally:
+                eng.close()
+        else:
+            res = run_engine(model, requests, engine_cfg, decode=tok.decode, on_complete=record)
     gen_tokens = res.new_tokens if res is not None else 0
     secs = time.perf_counter() - t0
-    summary = {"task": task.name, "model": model_spec, "data": data, "style": style, "n_samples": n_samples,
+    summary = {"task": task.name, "model": model_spec, "engine": cfg.engine, "data": data, "style": style,
+               "n_samples": n_samples,
                "temperature": temperature, "top_p": cfg.top_p, "max_new_tokens": max_new,
                **summarize([r for r in done if r["id"] in {e.id for e in examples}], len(examples)),
                "generated_samples": len(todo), "seconds": secs,

