@@ -89,14 +89,15 @@ def build_shards(root: Path) -> Path:
 def write_recipe(root: Path, shards: Path, args) -> Path:
     from mobilellm_r1.config import model_preset
 
-    model = {"preset": args.preset, "vocab_size": args.vocab_size, **SMOLLM2_SPECIALS}
+    model = {"preset": args.preset, "vocab_size": args.vocab_size, "attn_impl": args.attn, **SMOLLM2_SPECIALS}
     if args.seq_len > model_preset(args.preset).max_seq_len:
         model["max_seq_len"] = args.seq_len
     stage = {"kind": "pretrain", "steps": args.steps, "seq_len": args.seq_len,
              "micro_batch_size": args.micro_batch, "global_batch_tokens": args.micro_batch * args.seq_len,
              "lr": LR, "min_lr_ratio": 0.0, "warmup_steps": WARMUP, "schedule": "linear", "weight_decay": 0.1,
              "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0, "log_every": 1, "eval_every": 0,
-             "eval_batches": 0, "save_every": 0, "keep_checkpoints": 1}
+             "eval_batches": 0, "save_every": 0, "keep_checkpoints": 1,
+             "doc_mask": args.doc_mask}
     toml = lambda d: "\n".join(f"{k} = {json.dumps(v)}" for k, v in d.items())  # noqa: E731
     text = (f'[run]\nname = "train-throughput"\nseed = {SEED}\n\n[model]\n{toml(model)}\n\n'
             f'[data]\ntokenizer = "smollm2"\nshards_dir = "{shards}"\nheldout_fraction = 0.0\n'
@@ -118,6 +119,41 @@ def export_initial_weights(recipe_path: Path, out: Path) -> None:
     recipe = load_recipe(recipe_path)
     torch.manual_seed(recipe.run.seed)
     export_hf(Transformer(recipe.model), out)
+
+
+# ------------------------------------------------------------------------------------------- profile
+
+# Op-name substrings per family, first match wins; the order matters where names overlap (a fused
+# attention kernel mentions "softmax", the optimizer's foreach ops mention "mul"/"add").
+FAMILIES = (
+    ("optimizer", ("optimizer", "adam", "_foreach", "_fused_adam", "clip_grad")),
+    ("attention", ("attention", "flash", "flex", "sdpa", "efficient_attention", "softmax")),
+    ("head_loss", ("cross_entropy", "nll_loss", "log_softmax", "logsumexp")),
+    ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "gemm", "cutlass",
+              "sm90_", "sm80_", "ampere_", "nvjet")),
+    ("norm_rope_swiglu", ("rms_norm", "rsqrt", "silu", "aten::mul", "aten::add", "aten::pow", "aten::mean",
+                          "aten::cat", "aten::stack", "aten::neg", "triton_", "elementwise", "vectorized")),
+)
+
+
+def op_families(prof, device: str) -> dict:
+    """Self time per op family (ms over the profiled steps) and its share: where a step's time goes.
+    Self time, so a parent op (``aten::linear``) is not counted again on top of its ``aten::mm``."""
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    ms = {name: 0.0 for name, _ in FAMILIES} | {"other": 0.0}
+    top: dict[str, list] = {k: [] for k in ms}
+    for ev in prof.key_averages():
+        t = getattr(ev, attr, 0.0) / 1e3
+        if t <= 0:
+            continue
+        low = ev.key.lower()
+        fam = next((name for name, keys in FAMILIES if any(k in low for k in keys)), "other")
+        ms[fam] += t
+        top[fam].append((t, ev.key))
+    total = sum(ms.values()) or 1.0
+    return {"time": "device self time" if device == "cuda" else "CPU self time", "total_ms": round(total, 2),
+            "families": {k: {"ms": round(v, 2), "share": round(v / total, 4),
+                             "top_ops": [n for _, n in sorted(top[k], reverse=True)[:5]]} for k, v in ms.items()}}
 
 
 # ------------------------------------------------------------------------------------------- sides
@@ -153,7 +189,7 @@ def run_ours(work: Path, args) -> dict:
         key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=40), file=sys.stderr)
     steady = summary["tokens_per_s"]
-    return {"tokens_per_s": steady, "losses": summary["losses"], "flops_per_token": summary["flops_per_token"],
+    return {"profile": op_families(prof, args.device) if prof is not None else None,"tokens_per_s": steady, "losses": summary["losses"], "flops_per_token": summary["flops_per_token"],
             "threads": torch.get_num_threads(), "import_rss_mb": import_rss,
             "train_peak_rss_mb": marks.get("train_peak_rss_mb"), "peak_rss_mb": _rss_mb()}
 
@@ -274,7 +310,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: every usable core)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile both sides")
-    ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table of our side (stderr)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile our side: op table on stderr, per-family times under 'profile' in the JSON")
+    ap.add_argument("--attn", choices=("sdpa", "flex"), default="sdpa",
+                    help="attention kernel for document-masked rows (model attn_impl)")
+    ap.add_argument("--doc-mask", action="store_true", help="document-masked packed rows (else plain causal)")
+    ap.add_argument("--ours-only", action="store_true", help="skip the transformers.Trainer side")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--side", choices=("both", "ours", "hf"), default="both", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
@@ -310,12 +351,25 @@ def main() -> None:
         export_initial_weights(recipe_path, work / "hf_init")
         cfg = load_recipe(recipe_path).model
         ours = run_side("ours", work, args)
-        hf = run_side("hf", work, args)
+        hf = None if args.ours_only else run_side("hf", work, args)
     peak, peak_src = device_peak(torch.device(args.device))
     fpt = flops_per_token(cfg, args.seq_len)
     assert abs(fpt - ours["flops_per_token"]) < 1e-6 * fpt
     mfu = lambda tps: tps * fpt / peak if peak else None  # noqa: E731
-    res = {
+    base = {"preset": args.preset, "vocab_size": cfg.vocab_size, "dim": cfg.dim, "n_layers": cfg.n_layers,
+            "params": cfg.param_count(), "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+            "steps": args.steps, "compile": args.compile, "attn": args.attn, "doc_mask": args.doc_mask,
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "threads": args.threads,
+            "flops_per_token": fpt, "flops_per_token_formula": "6N + attention (train.metrics.flops_per_token)",
+            "peak_flops": peak, "peak_source": peak_src, "torch": torch.__version__}
+    if hf is None:  # --ours-only: one row of the GPU check
+        res = {"ours_tokens_per_s": round(ours["tokens_per_s"], 1), "ours_mfu": mfu(ours["tokens_per_s"]),
+               "losses_ours": ours["losses"], "ours_peak_rss_mb": round(ours["peak_rss_mb"], 1),
+               "profile": ours["profile"], "config": base}
+        print(json.dumps(res) if args.json else
+              f"ours {res['ours_tokens_per_s']:,.1f} tokens/s, MFU {res['ours_mfu'] or 0:.1%} ({peak_src})")
+        return
+    res = {"profile": ours["profile"],
         "ours_tokens_per_s": round(ours["tokens_per_s"], 1), "hf_tokens_per_s": round(hf["tokens_per_s"], 1),
         "ratio": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3),
         "ours_mfu": mfu(ours["tokens_per_s"]), "hf_mfu": mfu(hf["tokens_per_s"]),
@@ -326,16 +380,11 @@ def main() -> None:
         "ours_train_peak_rss_mb": round(ours["train_peak_rss_mb"], 1) if ours["train_peak_rss_mb"] else None,
         "ours_import_rss_mb": round(ours["import_rss_mb"], 1), "hf_import_rss_mb": round(hf["import_rss_mb"], 1),
         "losses_ours": ours["losses"], "losses_hf": hf["losses"],
-        "config": {"preset": args.preset, "vocab_size": cfg.vocab_size, "dim": cfg.dim, "n_layers": cfg.n_layers,
-                   "params": cfg.param_count(), "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-                   "steps": args.steps, "step_tokens": args.micro_batch * args.seq_len, "threads": args.threads,
-                   "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                   "compile": args.compile,
-                   "flops_per_token": fpt, "peak_flops": peak, "peak_source": peak_src,
+        "config": {**base, "step_tokens": args.micro_batch * args.seq_len,
                    "load_avg_1m_before": round(load_before[0], 2),
                    "load_avg_1m_after": round(os.getloadavg()[0], 2),
                    "hf_optim": hf["optim"], "hf_attn_implementation": hf["attn_implementation"],
-                   "torch": torch.__version__, "transformers": __import__("transformers").__version__},
+                   "transformers": __import__("transformers").__version__},
     }
     if args.json:
         print(json.dumps(res))

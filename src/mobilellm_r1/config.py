@@ -47,8 +47,15 @@ class ModelConfig:
     bos_id: int = 128000
     eos_ids: list[int] = field(default_factory=lambda: [128001, 128008, 128009])
     pad_id: int = 127999
+    # Attention kernel for document-masked (packed) rows: "sdpa" passes a dense (S, S) boolean mask, which
+    # keeps SDPA off its flash kernel on GPU; "flex" uses FlexAttention with a block mask from the doc ids
+    # (compiled on CUDA). Plain causal rows and the KV-cache paths always use SDPA. The default stays
+    # "sdpa" on every device until a GPU run measures flex's backward (torch 2.13 has none on CPU).
+    attn_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
+        if self.attn_impl not in ("sdpa", "flex"):
+            raise ConfigError(f"attn_impl={self.attn_impl!r}: choose 'sdpa' or 'flex'")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
 

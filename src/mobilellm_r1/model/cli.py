@@ -95,7 +95,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         out = export_hf(args.checkpoint, args.hf, tokenizer_files_dir=args.tokenizer_files,
-                        dtype=_dtype(args.dtype))
+                        dtype=_dtype(args.dtype), arch=args.arch)
     except CheckpointError as e:
         raise UserError(str(e)) from None
     files = sorted(p.name for p in Path(out).iterdir())
@@ -197,8 +197,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face Llama4ForCausalLM directory")
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face Llama4ForCausalLM (or "
+                                      "Qwen3ForCausalLM) directory")
     p.add_argument("checkpoint")
+    p.add_argument("--arch", default="llama4",
+                   help="llama4 (Llama4ForCausalLM, default; our import reads it back) or qwen3 "
+                        "(Qwen3ForCausalLM: vLLM, SGLang, MLX, llama.cpp's converter)")
     p.add_argument("--hf", required=True, help="output directory")
     p.add_argument("--tokenizer-files", help="folder of tokenizer files to copy alongside")
     p.add_argument("--dtype", choices=["keep", "float32", "bfloat16", "float16"], default="keep")

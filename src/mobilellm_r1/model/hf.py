@@ -8,7 +8,10 @@ layer, no attention temperature tuning, QK-norm on, tied embeddings), ``generati
 ``model.layers.N.post_attention_layernorm.weight``, ``model.norm.weight``; no ``lm_head.weight`` when tied)
 and, when given a folder of tokenizer files, copies of them.
 
-No q/k permutation is needed: HF's Llama 4 applies RoPE to interleaved pairs (``view_as_complex`` on
+``export_hf(..., arch="qwen3")`` writes ``Qwen3ForCausalLM`` instead (q/k rows permuted to half-split
+order, unit q/k norm weights; :func:`qwen3_tensors`), the class other inference engines run.
+
+No q/k permutation is needed for Llama 4: HF's Llama 4 applies RoPE to interleaved pairs (``view_as_complex`` on
 ``reshape(..., -1, 2)``), the same convention as ours; the parity tests check it numerically.
 
 Weight sharing (MobileLLM-LS) has no HF equivalent, so export writes each shared block twice, as two
@@ -53,19 +56,11 @@ def _eos_ids(cfg: ModelConfig) -> list[int]:
     return [i for i in cfg.eos_ids if 0 <= i < cfg.vocab_size]
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """``config.json`` for ``Llama4ForCausalLM`` with ``cfg``'s shape (weight sharing unrolled). Special
-    token ids outside the vocabulary (a small test vocabulary with Llama-3 ids) are written as null:
-    HF's embedding rejects an out-of-range ``pad_token_id``."""
-    n = cfg.n_layers * (2 if cfg.weight_sharing else 1)
+def _shape_config(cfg: ModelConfig, n: int) -> dict[str, Any]:
+    """The ``config.json`` fields Llama4 and Qwen3 spell alike."""
     return {
-        "architectures": ["Llama4ForCausalLM"],
-        "model_type": "llama4_text",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
-        # Dense layers use intermediate_size_mlp; intermediate_size sizes MoE experts (none here).
-        "intermediate_size": cfg.ffn_dim,
-        "intermediate_size_mlp": cfg.ffn_dim,
         "num_hidden_layers": n,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
@@ -81,13 +76,30 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str,
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "use_qk_norm": cfg.qk_norm,
         # Both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta.
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+    }
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """``config.json`` for ``Llama4ForCausalLM`` with ``cfg``'s shape (weight sharing unrolled). Special
+    token ids outside the vocabulary (a small test vocabulary with Llama-3 ids) are written as null:
+    HF's embedding rejects an out-of-range ``pad_token_id``."""
+    n = cfg.n_layers * (2 if cfg.weight_sharing else 1)
+    return {
+        "architectures": ["Llama4ForCausalLM"],
+        "model_type": "llama4_text",
+        **_shape_config(cfg, n),
+        # Dense layers use intermediate_size_mlp; intermediate_size sizes MoE experts (none here).
+        "intermediate_size": cfg.ffn_dim,
+        "intermediate_size_mlp": cfg.ffn_dim,
+        "use_qk_norm": cfg.qk_norm,
         "no_rope_layers": [1] * n,
         "layer_types": ["full_attention"] * n,
-        "attention_chunk_size": cfg.max_seq_len,
+        # null, not the context length: vLLM builds chunked local attention from any number here, while
+        # transformers and our loader read null as full attention (old exports with the length still load).
+        "attention_chunk_size": None,
         "attn_temperature_tuning": False,
         "floor_scale": 8192,
         "attn_scale": 0.1,
@@ -98,6 +110,30 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str,
         "output_router_logits": False,
         "router_aux_loss_coef": 0.001,
         "router_jitter_noise": 0.0,
+        "dtype": _DTYPE_NAMES.get(dtype, "float32"),
+    }
+
+
+ARCHS = ("llama4", "qwen3")
+
+
+def qwen3_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """``config.json`` for ``Qwen3ForCausalLM`` with ``cfg``'s shape (weight sharing unrolled). Qwen3 has
+    q/k RMSNorm before half-split RoPE; see :func:`qwen3_tensors` for why that is our decoder."""
+    if not cfg.qk_norm:
+        raise CheckpointError("a qwen3 export needs a QK-norm model (qwen3 always normalises q and k); "
+                              "use --arch llama4")
+    n = cfg.n_layers * (2 if cfg.weight_sharing else 1)
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        **_shape_config(cfg, n),
+        "intermediate_size": cfg.ffn_dim,
+        "rope_scaling": None,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": n,
+        "layer_types": ["full_attention"] * n,
         "dtype": _DTYPE_NAMES.get(dtype, "float32"),
     }
 
@@ -200,6 +236,31 @@ def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
+def qwen3_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under ``Qwen3ForCausalLM`` names. Our weightless QK-norm after interleaved RoPE
+    equals Qwen3's unit-weight q/k RMSNorm before half-split RoPE: RoPE rotates pairs, so it keeps each
+    head's RMS and commutes with the norm (same eps), and permuting each head's q/k output rows from
+    interleaved to half-split order (the GGUF export's permutation) makes rotate_half rotate our pairs.
+    The q.k dot product is a sum over dims, so the permutation leaves attention scores unchanged."""
+    from .gguf import to_half_split
+
+    cfg = model.cfg
+    out: dict[str, torch.Tensor] = {}
+    for name, t in hf_tensors(model).items():
+        m = _LAYER.match(name)
+        if m and m.group(2) in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+            heads = cfg.n_heads if m.group(2).startswith("self_attn.q") else cfg.n_kv_heads
+            t = to_half_split(t, heads).contiguous()
+        elif m and m.group(2).startswith("feed_forward."):
+            name = f"model.layers.{m.group(1)}.mlp.{m.group(2).removeprefix('feed_forward.')}"
+        out[name] = t
+        if m and m.group(2) == "self_attn.q_proj.weight":
+            for norm in ("q_norm", "k_norm"):
+                out[f"model.layers.{m.group(1)}.self_attn.{norm}.weight"] = torch.ones(
+                    cfg.head_dim, dtype=t.dtype, device=t.device)
+    return out
+
+
 def read_hf_tensors(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF directory: ``model.safetensors`` or the shards listed in
     ``model.safetensors.index.json``."""
@@ -294,16 +355,22 @@ def _as_model(src: Transformer | str | Path) -> tuple[Transformer, Path | None]:
 
 
 def export_hf(src: Transformer | str | Path, out_dir: str | Path,
-              tokenizer_files_dir: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write ``src`` (a model or our checkpoint directory) as an HF ``Llama4ForCausalLM`` directory.
+              tokenizer_files_dir: str | Path | None = None, dtype: torch.dtype | None = None,
+              arch: str = "llama4") -> Path:
+    """Write ``src`` (a model or our checkpoint directory) as an HF ``Llama4ForCausalLM`` directory, or
+    with ``arch="qwen3"`` as ``Qwen3ForCausalLM`` (the class vLLM, SGLang, MLX and llama.cpp's converter
+    all run; :func:`qwen3_tensors`). Our import reads llama4 exports only.
 
     ``tokenizer_files_dir``: a folder whose files (tokenizer.json, tokenizer_config.json, ...) are copied
     alongside. Without it, a checkpoint whose tokenizer spec is a ``tokenizer.json`` folder/file has those
     tokenizer files copied; the built-in ``llama3``/``smollm2`` specs have no HF files to copy."""
     from safetensors.torch import save_file
 
+    if arch not in ARCHS:
+        raise CheckpointError(f"unknown export arch {arch!r}; choose one of {', '.join(ARCHS)}")
     model, spec_dir = _as_model(src)
-    tensors = hf_tensors(model)
+    tensors, config = ((qwen3_tensors(model), qwen3_config) if arch == "qwen3"
+                       else (hf_tensors(model), hf_config))
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     out_dtype = next(iter(tensors.values())).dtype
@@ -317,7 +384,7 @@ def export_hf(src: Transformer | str | Path, out_dir: str | Path,
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "config.json", hf_config(model.cfg, out_dtype))
+        write_json(tmp / "config.json", config(model.cfg, out_dtype))
         write_json(tmp / "generation_config.json", generation_config(model.cfg))
         if tok_dir is not None:
             for f in sorted(tok_dir.iterdir()):

@@ -136,8 +136,11 @@ class Attention(nn.Module):
             k_buf[:, :, start:end] = k
             v_buf[:, :, start:end] = v
             k, v = k_buf[:, :, :end], v_buf[:, :, :end]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=h != hkv)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            o = _flex_attention(q.device)(q, k, v, block_mask=mask, enable_gqa=h != hkv)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=h != hkv)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, h * hd))
 
 
@@ -399,6 +402,8 @@ class Transformer(nn.Module):
                 position_ids = positions_from_doc_ids(doc_ids)
             if doc_ids is None and attention_mask is None:
                 is_causal = True
+            elif self.cfg.attn_impl == "flex" and attention_mask is None:
+                mask = doc_block_mask(doc_ids)
             else:
                 mask = _causal(s, s, 0, ids.device)[None, None]
                 if doc_ids is not None:
@@ -424,6 +429,32 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         h = self.norm(h)
         return h if return_hidden else self.logits(h)
+
+
+_FLEX: dict[str, object] = {}
+
+
+def _flex_attention(device: torch.device):
+    """FlexAttention, compiled on CUDA (eager flex materialises the full score matrix: no gain there)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if "cuda" not in _FLEX:
+        _FLEX["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["cuda"]
+
+
+def doc_block_mask(doc_ids: torch.Tensor):
+    """A FlexAttention block mask for causal attention inside documents of packed rows ``(B, S)``: the
+    same function as the dense ``causal & same-doc`` mask, but blocks wholly outside a document are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def doc_causal(b, h, q, k):
+        return (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
+
+    b, s = doc_ids.shape
+    return create_block_mask(doc_causal, b, None, s, s, device=doc_ids.device)
 
 
 def _share(fused_t: torch.Tensor, linears: list[nn.Linear]) -> None:
