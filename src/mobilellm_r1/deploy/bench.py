@@ -85,7 +85,7 @@ def available_memory_bytes() -> int:
 def predicted_peak_bytes(cfg: ModelConfig, context: int, runtime: str) -> int:
     """A coarse upper estimate of a run's memory: weights (fp32 copies for eager), the KV cache, and the
     prefill activations (attention works blockwise; MLP and head activations of the prefill length; the
-    exported program prefills one token at a time)."""
+    exported program prefills in chunks of its get_max_seq_len)."""
     fp32_w = 4 * cfg.param_count()
     kv = context * kv_bytes_per_position(cfg)
     rows = context if runtime != "executorch_8da4w" else 1
@@ -210,13 +210,16 @@ def _pte_runner(spec: dict[str, Any]):
             logits = r.step(prompt[-1], pos - 1)
         prefill_s = time.perf_counter() - t0
         first, times = int(logits.argmax()), []
+        # time to first token: the prompt through the model (in chunks of the file's get_max_seq_len) and
+        # the first token chosen from its last logits; only meaningful for a real prefill
+        ttft_s = time.perf_counter() - t0 if fill == "prefill" else None
         for _ in range(rounds):  # the static cache is overwritten at the same positions each round
             t = first
             t1 = time.perf_counter()
             for i in range(new - 1):
                 t = int(r.step(t, pos + i).argmax())
             times.append(time.perf_counter() - t1)
-        return _decode_summary(times, new - 1, prefill_s)
+        return {**_decode_summary(times, new - 1, prefill_s), "ttft_s": ttft_s, "prefill_chunk": r.prefill_chunk}
 
     return run, build(ModelConfig, r.meta["model"], f"{spec['model']}.json:model")
 

@@ -187,7 +187,7 @@ class StaticCacheLM(nn.Module):
             o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
             h = h + attn.o_proj(o.reshape(b, s, -1))
             h = h + self._ffn(blk.feed_forward, self._rms(h, self.mean_dim, blk.post_attention_layernorm.weight))
-        if not self.full_logits and s > 1:
+        if not self.full_logits:  # unconditional: with a dynamic ``s`` a test on it would be a guard
             h = h[:, -1:]
         return m.logits(self._rms(h, self.mean_dim, m.norm.weight))
 
@@ -231,7 +231,7 @@ def xnnpack_partitioner():
 
 def export_executorch(model: Transformer, out: str | Path, max_context: int, *, quantize: bool = True,
                       group_size: int = 0, embedding_group_size: int = 32, embedding_bits: int = 4,
-                      quantized: bool | None = None, source: str = "") -> dict[str, Any]:
+                      quantized: bool | None = None, source: str = "", prefill_chunk: int = 128) -> dict[str, Any]:
     """Write ``model`` as an XNNPACK-lowered ``.pte`` at ``out`` with a static KV cache of ``max_context``
     positions. ``quantize`` applies the paper's 8da4w scheme first (in place on ``model``) unless the model
     is already quantized (e.g. from :func:`~.quantize.load_quantized`). ``source`` (the checkpoint it came
@@ -244,6 +244,9 @@ def export_executorch(model: Transformer, out: str | Path, max_context: int, *, 
 
     quiet_torchao()
     out = Path(out)
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    chunk = min(prefill_chunk, max_context)
     already = quantized if quantized is not None else hasattr(model.embed_tokens.weight, "qdata")
     summary: dict[str, Any] = {"format": "executorch", "backend": "xnnpack", "max_context": max_context,
                                "model": _model_dict(model),
@@ -260,12 +263,14 @@ def export_executorch(model: Transformer, out: str | Path, max_context: int, *, 
     model.requires_grad_(False)
     lm = StaticCacheLM(model.eval(), max_context).eval()
     cfg = model.cfg
-    constants = {"get_max_context_len": max_context, "get_max_seq_len": 1, "get_vocab_size": cfg.vocab_size,
+    constants = {"get_max_context_len": max_context, "get_max_seq_len": chunk, "get_vocab_size": cfg.vocab_size,
                  "get_bos_id": cfg.bos_id, "get_eos_ids": list(cfg.eos_ids), "use_kv_cache": True}
     times: dict[str, float] = {}
     with torch.no_grad():
         t = time.perf_counter()
-        ep = torch.export.export(lm, (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
+        example = torch.zeros(1, min(chunk, 2), dtype=torch.long)  # 2: an example of 1 would specialize
+        dynamic = ({1: torch.export.Dim("seq", min=1, max=chunk)}, None) if chunk > 1 else None
+        ep = torch.export.export(lm, (example, torch.zeros(1, dtype=torch.long)), dynamic_shapes=dynamic,
                                  strict=False)
         times["torch_export"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -278,6 +283,7 @@ def export_executorch(model: Transformer, out: str | Path, max_context: int, *, 
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
         times["to_executorch"] = time.perf_counter() - t
     summary["delegates"] = _count_delegates(edge.exported_program())
+    summary["prefill_chunk"] = chunk
     summary["export_seconds"] = times
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         prog.write_to_file(f)
@@ -319,7 +325,17 @@ class PteRunner:
         self.path = path
         self.meta = json.loads(sidecar(path).read_text()) if sidecar(path).is_file() else {}
         self.module = portable_lib._load_for_executorch(str(path))
+        names = set(self.module.method_names()) if hasattr(self.module, "method_names") else {"forward"}
+        if "forward" not in names:
+            raise ValueError(f"{path} has no 'forward' method (methods: {sorted(names)}): not an exported LM")
         self.max_context = int(self._const("get_max_context_len", self.meta.get("max_context", 0)))
+        if self.max_context < 1:
+            raise ValueError(f"{path}: no get_max_context_len method and no sidecar: not an exported LM")
+        self.prefill_chunk = max(1, int(self._const("get_max_seq_len", 1)))
+        try:  # a list constant comes back as one output per element
+            self.eos_ids = [int(i) for i in self.module.run_method("get_eos_ids", [])]
+        except Exception:  # noqa: BLE001 - an older file without the constant method
+            self.eos_ids = [int(i) for i in self.meta.get("model", {}).get("eos_ids", [])]
 
     def _const(self, name: str, default: Any) -> Any:
         try:
@@ -327,32 +343,68 @@ class PteRunner:
         except Exception:  # noqa: BLE001 - an older file without the constant method
             return default
 
+    def _forward(self, tokens: list[int], pos: int) -> torch.Tensor:
+        if pos < 0 or pos + len(tokens) > self.max_context:
+            raise ValueError(f"position {pos + len(tokens) - 1} exceeds the exported context {self.max_context}")
+        out = self.module.forward((torch.tensor([tokens], dtype=torch.long), torch.tensor([pos], dtype=torch.long)))[0]
+        return out.reshape(-1)
+
     def step(self, token: int | list[int], pos: int) -> torch.Tensor:
         """Decode one token at ``pos``: the logits ``(vocab,)`` of the next."""
         tokens = [token] if isinstance(token, int) else list(token)
         if len(tokens) != 1:
             raise ValueError(f"step decodes one token, got {len(tokens)}: use prefill for a prompt")
-        if pos + 1 > self.max_context:
-            raise ValueError(f"position {pos} exceeds the exported context {self.max_context}")
-        out = self.module.forward((torch.tensor([tokens], dtype=torch.long), torch.tensor([pos], dtype=torch.long)))[0]
-        return out.reshape(-1)
+        return self._forward(tokens, pos)
 
-    def prefill(self, tokens: list[int], pos: int = 0) -> torch.Tensor:
-        """Write ``tokens`` at ``pos..`` one at a time; the logits after the last."""
+    def prefill(self, tokens: list[int], pos: int = 0, chunk: int | None = None) -> torch.Tensor:
+        """Write ``tokens`` at ``pos..`` in chunks of up to ``chunk`` tokens (default: the file's
+        ``get_max_seq_len``, 1 for a file exported before batched prefill); the logits after the last."""
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        chunk = self.prefill_chunk if chunk is None else chunk
+        if not 1 <= chunk <= self.prefill_chunk:
+            raise ValueError(f"chunk {chunk} outside 1..{self.prefill_chunk} (the exported prefill chunk)")
+        if pos + len(tokens) > self.max_context:
+            raise ValueError(f"position {pos + len(tokens) - 1} exceeds the exported context {self.max_context}")
         logits = None
-        for i, t in enumerate(tokens):
-            logits = self.step(t, pos + i)
+        for i in range(0, len(tokens), chunk):
+            logits = self._forward(tokens[i:i + chunk], pos + i)
         return logits
 
-    def greedy(self, prompt: list[int], n: int) -> list[int]:
-        logits = self.prefill(prompt)
-        out = []
-        for i in range(n):
-            t = int(logits.argmax())
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, stop_ids: list[int] | None = None,
+                 temperature: float = 0.0, seed: int | None = None, on_token=None) -> list[int]:
+        """Generate up to ``max_new_tokens`` after ``prompt_ids`` (greedy at ``temperature`` 0, else
+        sampled); stops after a token in ``stop_ids`` (default: the file's ``get_eos_ids``; pass ``[]`` for
+        none), which is included in the result, or at the exported context. ``on_token(id)`` is called as
+        each token is chosen (streaming)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        stops = set(self.eos_ids if stop_ids is None else stop_ids)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out: list[int] = []
+        if max_new_tokens == 0:
+            return out
+        logits = self.prefill(prompt_ids)
+        pos = len(prompt_ids)
+        while True:
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                t = int(torch.multinomial(probs, 1, generator=gen))
+            else:
+                t = int(logits.argmax())
             out.append(t)
-            if i < n - 1:
-                logits = self.step(t, len(prompt) + i)
-        return out
+            if on_token is not None:
+                on_token(t)
+            if t in stops or len(out) >= max_new_tokens or pos >= self.max_context:
+                return out
+            logits = self.step(t, pos)
+            pos += 1
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        return self.generate(prompt, n, stop_ids=[])
 
 
 # ---------------------------------------------------------------------------------------------- GGUF
