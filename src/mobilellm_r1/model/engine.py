@@ -90,6 +90,8 @@ def run(model: Transformer, requests: Sequence[Request], cfg: EngineConfig | Non
     """Generate every request's ``n`` completions. ``on_token(request, sample, token)`` streams tokens;
     ``on_complete(request, sample, completion)`` is called as each sample ends (in finishing order)."""
     cfg = cfg or EngineConfig()
+    if not getattr(model, "slot_decode", False):
+        return _run_static(model, requests, cfg, decode, on_token, on_complete)
     mcfg = model.cfg
     max_len = cfg.max_len or mcfg.max_seq_len
     if cfg.slots < 1:
@@ -246,3 +248,40 @@ def run(model: Transformer, requests: Sequence[Request], cfg: EngineConfig | Non
     return EngineResult([list(c) for c in out], stats["prefills"], stats["prefill_tokens"], stats["new_tokens"],
                         stats["steps"], secs, n_slots,
                         {"prefill_s": stats["prefill_s"], "decode_s": secs - stats["prefill_s"]})
+
+
+def _run_static(model, requests: Sequence[Request], cfg: EngineConfig, decode, on_token, on_complete) -> EngineResult:
+    """Models without slot decoding (transformers models behind ``ForeignCausalLM``, whose cache can only
+    be appended to) run as static batches of ``cfg.slots`` samples, each batch seeded by its first sample's
+    seed: the same results contract, without refilled slots or per-sample seeds."""
+    from .generate import generate
+
+    keys = [(ri, si) for ri, r in enumerate(requests) for si in range(r.n)]
+    out: list[list[Completion | None]] = [[None] * r.n for r in requests]
+    t0, new, prefill_s = time.perf_counter(), 0, 0.0
+    for b0 in range(0, len(keys), max(1, cfg.slots)):
+        chunk = keys[b0:b0 + max(1, cfg.slots)]
+        limits = [requests[ri].max_new_tokens for ri, _ in chunk]
+        first = requests[chunk[0][0]]
+        seed = first.seeds[chunk[0][1]] if first.seeds is not None else sample_seed(cfg.seed, *chunk[0])
+
+        got = [0] * len(chunk)
+
+        def stream(row: int, t: int) -> None:
+            got[row] += 1
+            if on_token is not None and got[row] <= limits[row]:
+                on_token(*chunk[row], t)
+
+        res = generate(model, [requests[ri].prompt for ri, _ in chunk], max(limits), temperature=cfg.temperature,
+                       top_p=cfg.top_p, seed=seed, stop_token_ids=cfg.stop_token_ids,
+                       stop_strings=list(cfg.stop_strings), decode=decode, on_token=stream)
+        prefill_s += res.prefill_s
+        for (ri, si), ids, why, hit, lim in zip(chunk, res.token_ids, res.finish_reasons, res.stop_strings, limits):
+            c = Completion(ids[:lim], "length", None) if len(ids) > lim else Completion(ids, why, hit)
+            out[ri][si] = c
+            new += len(c.token_ids)
+            if on_complete is not None:
+                on_complete(ri, si, c)
+    secs = time.perf_counter() - t0
+    return EngineResult([list(c) for c in out], len(keys), sum(len(requests[ri].prompt) for ri, _ in keys), new,
+                        0, secs, cfg.slots, {"prefill_s": prefill_s, "decode_s": secs - prefill_s})

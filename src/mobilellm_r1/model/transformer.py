@@ -223,6 +223,8 @@ class KVCache:
 
 
 class Transformer(nn.Module):
+    slot_decode = True  # forward(slot_pos=...) decodes rows of a slot cache (model/engine.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
