@@ -229,9 +229,7 @@ def run_eval(model_spec: str, cfg: EvalConfig) -> dict[str, Any]:
 
             # a checkpoint folder exports with its tokenizer files, which vLLM needs for stop strings
             eng = VLLMEngine(model_spec if Path(model_spec).is_dir() else model,
-                             VLLMOptions(max_model_len=budget, seed=cfg.seed,
-                                         # vLLM's "auto" halves an fp32 checkpoint; on a CPU we decode fp32
-                                         dtype="float32" if dev.type == "cpu" else "auto"))
+                             VLLMOptions(max_model_len=budget, seed=cfg.seed))
             try:
                 res = eng.run(requests, engine_cfg, on_complete=record)
             finally:

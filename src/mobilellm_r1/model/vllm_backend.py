@@ -45,7 +45,7 @@ def vllm_available() -> bool:
 @dataclass
 class VLLMOptions:
     max_model_len: int = 0  # 0 = the model's max_seq_len
-    dtype: str = "auto"  # vLLM's dtype: auto | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (fp32 on a CPU, else vLLM's auto) | float32 | bfloat16 | float16
     seed: int = 0
     gpu_memory_utilization: float = 0.5  # colocated with training: leave the rest to the policy
     enforce_eager: bool = False
@@ -61,13 +61,16 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str((opts or VLLMOptions()).kv_cache_gib))
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.opts = opts or VLLMOptions()
+        # vLLM's "auto" halves an fp32 checkpoint; on a CPU our own engine decodes fp32, so vLLM does too
+        dtype = "float32" if self.opts.dtype == "auto" and current_platform.is_cpu() else self.opts.dtype
         self._tmp = tempfile.TemporaryDirectory(prefix="mobilellm-r1-vllm-")
         hf_dir, cfg = _as_hf_dir(model, Path(self._tmp.name) / "hf")
         self.cfg = cfg
         self.has_tokenizer = (hf_dir / "tokenizer.json").is_file()
-        self.llm = LLM(model=str(hf_dir), dtype=self.opts.dtype, seed=self.opts.seed,
+        self.llm = LLM(model=str(hf_dir), dtype=dtype, seed=self.opts.seed,
                        max_model_len=self.opts.max_model_len or cfg.max_seq_len,
                        enforce_eager=self.opts.enforce_eager,
                        gpu_memory_utilization=self.opts.gpu_memory_utilization,

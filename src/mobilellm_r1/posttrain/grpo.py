@@ -294,8 +294,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
         from ..model.vllm_backend import VLLMEngine, VLLMOptions
 
         # old log-probs for the ratio still come from the policy itself (token_logprobs), never from vLLM
-        vllm = VLLMEngine(policy, VLLMOptions(max_model_len=policy.cfg.max_seq_len, seed=recipe.run.seed,
-                                              dtype="float32" if dev.type == "cpu" else "auto"))
+        vllm = VLLMEngine(policy, VLLMOptions(max_model_len=policy.cfg.max_seq_len, seed=recipe.run.seed))
     watch = PreemptionWatch().start()  # SIGTERM/SIGUSR1: finish the step, checkpoint, raise Preempted
     try:
         while step < run_until:
