@@ -70,7 +70,8 @@ def engine_vs_static(args) -> dict:
     if args.workload == "longtail":
         lo = max(1, args.new_tokens // args.spread)
         lengths = [int(round(lo * args.spread ** rng.random())) for _ in range(args.requests)]
-        lengths[0], lengths[-1] = lo, lo * args.spread  # both ends of the spread occur
+        lengths[0], lengths[-1] = lo, lo * args.spread  # both ends of the spread occur...
+        rng.shuffle(lengths)  # ...anywhere in the queue: the longest last would make one row the whole tail
         prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(16, 64))] for _ in range(args.requests)]
         reqs = [Request(p, n) for p, n in zip(prompts, lengths)]
         # the static batches' widest cache: the same memory for both sides
@@ -95,8 +96,12 @@ def engine_vs_static(args) -> dict:
         new = sum(map(len, rows))
         return rows, new / (time.perf_counter() - t0), prefills
 
+    c_steps = 0
+
     def continuous():
+        nonlocal c_steps
         res = run(model, reqs, ecfg)
+        c_steps = res.decode_steps
         rows = [c.token_ids for cs in res.completions for c in cs]
         return rows, res.tokens_per_s, res.prefills
 
@@ -118,6 +123,11 @@ def engine_vs_static(args) -> dict:
     out["completion_lengths"] = {"min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1]}
     if args.workload == "longtail":
         out["requests"] = len(reqs)
+        # decode steps: static runs each batch to its longest row; their ratio bounds the speed-up when a step
+        # costs the same with fewer live rows
+        static_steps = sum(max(lengths[i:i + args.slots]) for i in range(0, len(lengths), args.slots))
+        out["decode_steps"] = {"static": static_steps, "engine": c_steps}
+        out["step_ratio"] = round(static_steps / c_steps, 3)
         out["identical_greedy_tokens"] = s_rows == c_rows
     else:
         out["n"] = args.n
@@ -130,8 +140,9 @@ def main() -> None:
     ap.add_argument("--workload", choices=["hf", "longtail", "samples"], default="hf",
                     help="hf: ours vs transformers generate; longtail/samples: the engine vs static batching")
     ap.add_argument("--slots", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=48)
-    ap.add_argument("--spread", type=int, default=16, help="longtail: longest / shortest completion")
+    ap.add_argument("--requests", type=int, default=128, help="longtail: prompts (16 per slot by default)")
+    ap.add_argument("--spread", type=int, default=64,
+                    help="longtail: longest / shortest completion (reasoning traces spread ~100-fold)")
     ap.add_argument("--n", type=int, default=16, help="samples: samples of the one prompt")
     ap.add_argument("--stop-share", type=float, default=0.01, help="samples: share of the vocabulary that stops")
     ap.add_argument("--vocab-size", type=int, default=8192, help="longtail/samples: the model's vocabulary")
@@ -152,7 +163,7 @@ def main() -> None:
     if args.workload != "hf":
         args.preset = args.preset or "tiny"
         if args.new_tokens == 128:  # the hf workload's default: longer completions here
-            args.new_tokens = 256 if args.workload == "longtail" else 512
+            args.new_tokens = 512
         if args.workload == "samples" and args.prompt_tokens == 32:
             args.prompt_tokens = 160
         res = engine_vs_static(args)

@@ -15,6 +15,9 @@ slots while work remains.
 - **n samples of one prompt** prefill it once (``EngineResult.prefills`` counts) and copy its keys and
   values into the other samples' slots; samples that find no free slot wait with a copy of the prompt's
   cache, so it is never prefilled twice.
+- **Tail**: once nothing waits, a finished sample's slot is filled by moving the last live row into it, so
+  the live rows stay the first ``k`` slots and a decode step runs on a view of those ``k`` cache rows: no
+  per-step gather of every layer's keys and values, and rows that ended cost nothing.
 - **Per-sample seeds**: every sample draws from its own ``torch.Generator`` (seeded by ``Request.seeds``,
   or from the config's seed, the request's index and the sample's), so a sample's tokens do not depend on
   which slots its neighbours hold or how many slots there are. Greedy decoding gives each prompt the tokens
@@ -221,24 +224,45 @@ def run(model: Transformer, requests: Sequence[Request], cfg: EngineConfig | Non
             queue.popleft()
             head.clear()
 
+    def compact() -> int:
+        """Move live rows into the holes below them so that they fill slots ``0..k-1``; returns k.
+
+        Holes stay only once nothing waits (``admit`` refills every free slot while work queues), so this
+        runs at the tail of a run, at most once per finished row. Decoding then works on a view of the
+        first k cache rows: no per-step gather of every layer's keys and values, and the rows that ended
+        cost nothing."""
+        live = [i for i in range(n_slots) if slot_of[i] is not None]
+        k = len(live)
+        holes = [i for i in range(k) if slot_of[i] is None]
+        for dst, src in zip(holes, [i for i in live if i >= k]):
+            n = slot_len[src]
+            cache.k[:, dst, :, :n] = cache.k[:, src, :, :n]
+            cache.v[:, dst, :, :n] = cache.v[:, src, :, :n]
+            slot_of[dst], slot_len[dst], slot_next[dst] = slot_of[src], n, slot_next[src]
+            slot_of[src] = None
+        if holes:
+            free.clear()
+            free.extend(range(k, n_slots))
+        return k
+
     admit()
     while True:
-        live = [i for i in range(n_slots) if slot_of[i] is not None]
-        if not live:
+        k = compact()
+        if k == 0:
             if not queue:
                 break
             admit()
             continue
-        ids = torch.tensor([[slot_next[i]] for i in live], dtype=torch.long, device=device)
-        pos = torch.tensor([slot_len[i] for i in live], dtype=torch.long, device=device)
-        rows = None if len(live) == n_slots else torch.tensor(live, dtype=torch.long, device=device)
-        logits = model(ids, cache=cache, slot_pos=pos, slot_rows=rows)[:, -1]
+        ids = torch.tensor([[slot_next[i]] for i in range(k)], dtype=torch.long, device=device)
+        pos = torch.tensor(slot_len[:k], dtype=torch.long, device=device)
+        view = cache if k == n_slots else cache.rows(0, k)
+        logits = model(ids, cache=view, slot_pos=pos)[:, -1]
         stats["steps"] += 1
         greedy = logits.argmax(dim=-1).tolist() if not sampling else None  # one host sync per step
-        for j, slot in enumerate(live):
+        for slot in range(k):
             key = slot_of[slot]
             slot_len[slot] += 1
-            t = greedy[j] if greedy is not None else pick(logits[j], key)
+            t = greedy[slot] if greedy is not None else pick(logits[slot], key)
             if push(slot, key, t):
                 slot_next[slot] = t
         admit()

@@ -117,20 +117,18 @@ class Attention(nn.Module):
                 k = F.rms_norm(k.float(), (hd,), eps=self.eps).type_as(k)
         return q, k, v
 
-    def forward(self, x, cos, sin, mask, is_causal, kv, start, end: int, rows=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, is_causal, kv, start, end: int) -> torch.Tensor:
         b, s, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.project(x, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv is not None and isinstance(start, torch.Tensor):
-            # slot decode (continuous batching): x's row r is cache row rows[r], writing at its own start[r]
+            # slot decode (continuous batching): x's row r writes at its own position start[r]
             k_buf, v_buf = kv
-            r = torch.arange(b, device=x.device) if rows is None else rows
+            r = torch.arange(b, device=x.device)
             k_buf[r, :, start] = k[:, :, 0]
             v_buf[r, :, start] = v[:, :, 0]
             k, v = k_buf[:, :, :end], v_buf[:, :, :end]
-            if rows is not None:
-                k, v = k.index_select(0, rows), v.index_select(0, rows)
         elif kv is not None:
             k_buf, v_buf = kv
             k_buf[:, :, start:end] = k
@@ -175,8 +173,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv, start, end: int, rows=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv, start, end, rows)
+    def forward(self, x, cos, sin, mask, is_causal, kv, start, end: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv, start, end)
         return x + self.feed_forward(self.post_attention_layernorm(x))
 
 
@@ -210,7 +208,8 @@ class KVCache:
         return self.k[i], self.v[i]
 
     def rows(self, i: int, j: int) -> "KVCache":
-        """A cache over batch rows ``i:j`` that shares this one's storage (prefilling one slot)."""
+        """A cache over batch rows ``i:j`` that shares this one's storage (prefilling one slot; decoding the
+        engine's live rows)."""
         view = object.__new__(KVCache)
         view.k, view.v, view.key_valid = self.k[:, i:j], self.v[:, i:j], self.key_valid[i:j]
         view.masked, view.length = False, 0
@@ -338,7 +337,6 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
         last_only: bool = False,
         slot_pos: torch.Tensor | None = None,
-        slot_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, S, vocab)`` for token ids ``(B, S)``.
 
@@ -355,8 +353,8 @@ class Transformer(nn.Module):
         - ``last_only``: only the last position (prefill for generation).
         - ``slot_pos`` ``(B,)`` with ``ids`` ``(B, 1)``: one decode step of a slot cache (continuous batching,
           :mod:`mobilellm_r1.model.engine`): row r writes at its own position ``slot_pos[r]`` of cache row
-          ``slot_rows[r]`` (default r) and attends to that row's positions up to it. ``cache.length`` is
-          left alone: each slot keeps its own length.
+          r and attends to that row's positions up to it (the engine passes a view of its live rows,
+          :meth:`KVCache.rows`). ``cache.length`` is left alone: each slot keeps its own length.
         """
         b, s = ids.shape
         h = self.embed_tokens(ids)
@@ -370,7 +368,7 @@ class Transformer(nn.Module):
             mask = (torch.arange(end, device=ids.device)[None, :] <= slot_pos[:, None])[:, None, None, :]
             cos, sin = self.rope_cos[slot_pos][:, None, None], self.rope_sin[slot_pos][:, None, None]
             for app, li in enumerate(self.schedule):
-                h = self.layers[li](h, cos, sin, mask, False, cache.slot(app), slot_pos, end, slot_rows)
+                h = self.layers[li](h, cos, sin, mask, False, cache.slot(app), slot_pos, end)
             h = self.norm(h)
             return h if return_hidden else self.logits(h)
         if cache is not None:
