@@ -1,4 +1,5 @@
-"""On-device decode: the exported 8da4w ExecuTorch/XNNPACK program vs our fp32 decoding (paper Table 10).
+"""On-device decode: the exported 8da4w ExecuTorch/XNNPACK program vs our fp32 decoding and llama.cpp
+(paper Table 10).
 
 A random-init model of ``--preset`` (140m by default; speed and size do not depend on the weights) is
 exported with the paper's scheme and a static KV cache of the largest context, then every runtime decodes
@@ -6,7 +7,11 @@ in its own process at each context (``mobilellm_r1.deploy.bench``). Prints the M
 ``--json`` ``{"speedup_vs_fp32", "roofline_fraction", "size_ratio", "table", ...}``: the speedup is the
 quantized runtime's decode tokens/s over the faster of our two fp32 runtimes at the first context (1k by
 default; ``speedup_vs_eager`` against plain eager), the roofline fraction is the quantized runtime's there,
-and the size ratio is the ``.pte`` over the fp32 weights.
+and the size ratio is the ``.pte`` over the fp32 weights. The same checkpoint is also written as a q4_0
+GGUF and run by llama.cpp (the ``deploy`` extra's cyllama bindings; without them that row is "skipped"):
+``ttft_s`` holds every runtime's time to first token per context, ``ttft_ratio_vs_llamacpp`` and
+``decode_ratio_vs_llamacpp`` compare the ``.pte`` with llama.cpp at the first context (ttft: lower is
+better; decode: higher is better).
 
 Usage: python benchmarks/deploy.py [--preset 140m] [--contexts 1024,2048,4096] [--threads 1] [--json]
 """
@@ -43,7 +48,8 @@ def main() -> None:
 
     from mobilellm_r1.config import model_preset
     from mobilellm_r1.deploy import DeployConfig
-    from mobilellm_r1.deploy.bench import bench
+    from mobilellm_r1.deploy.bench import LLAMACPP, bench, llamacpp_available
+    from mobilellm_r1.deploy.cli import _bench_gguf
     from mobilellm_r1.deploy.export import export_executorch
     from mobilellm_r1.model import Transformer
     from mobilellm_r1.model.io import save_model
@@ -62,7 +68,8 @@ def main() -> None:
         t = time.perf_counter()
         exp = export_executorch(model, os.path.join(d, "model-8da4w.pte"), max(contexts), source=os.path.join(d, "ckpt"))
         export_s = time.perf_counter() - t
-        res = bench(os.path.join(d, "ckpt"), os.path.join(d, "model-8da4w.pte"), cfg)
+        gguf = _bench_gguf(os.path.join(d, "ckpt"), os.path.join(d, "model-q4_0.gguf")) if llamacpp_available() else None
+        res = bench(os.path.join(d, "ckpt"), os.path.join(d, "model-8da4w.pte"), cfg, gguf=gguf)
     rows = {rt: r["rows"][0] for rt, r in res["runtimes"].items()}
     q = rows["executorch_8da4w"]
     fp = max((rows[k] for k in ("eager_fp32", "generator_fp32") if rows[k].get("status") == "ok"),
@@ -76,7 +83,14 @@ def main() -> None:
         "export_phases_s": exp["export_seconds"], "delegates": exp["delegates"],
         "context": contexts[0], "bandwidth_GBps": (res["bandwidth"] or 0) / 1e9,
         "table": res["table"], "results": res,
+        "ttft_s": {rt: {r["context"]: r.get("ttft_s") for r in v["rows"]} for rt, v in res["runtimes"].items()},
     }
+    lc = rows.get(LLAMACPP, {})
+    if lc.get("status") == "ok":
+        out["ttft_ratio_vs_llamacpp"] = q["ttft_s"] / lc["ttft_s"]
+        out["decode_ratio_vs_llamacpp"] = q["decode_tok_s"] / lc["decode_tok_s"]
+    else:
+        out["llamacpp"] = lc.get("status", "not run")
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:
@@ -84,6 +98,11 @@ def main() -> None:
         print(f"at {contexts[0]} context: {out['speedup_vs_fp32']:.2f}x our fastest fp32 decode "
               f"({out['speedup_vs_eager']:.2f}x eager), {out['roofline_fraction']:.0%} of the bandwidth roofline; "
               f".pte {exp['bytes'] / 1e6:.1f} MB = {exp['size_ratio']:.1%} of fp32")
+        if "ttft_ratio_vs_llamacpp" in out:
+            print(f"vs llama.cpp (q4_0): time to first token {out['ttft_ratio_vs_llamacpp']:.2f}x, "
+                  f"decode {out['decode_ratio_vs_llamacpp']:.2f}x")
+        else:
+            print(f"llama.cpp: {out['llamacpp']}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ and the CLI end to end are slow tests.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -255,23 +254,6 @@ def test_gguf_qk_norm_model_exports_as_qwen3_and_round_trips(tmp_path):
         load_gguf(tmp_path / "m.gguf")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-def test_gguf_qwen3_export_matches_llama_cpp(tmp_path):
-    """The qwen3 mapping checked against llama.cpp itself (optional: ``pip install llama-cpp-python``)."""
-    import llama_cpp
-
-    m = _micro(n_layers=2, vocab_size=512)
-    export_gguf(m, tmp_path / "m.gguf", _tokenizer_gguf(tmp_path / "tok.gguf", 512), dtype="f32")
-    ids = torch.randint(2, 512, (24,), generator=torch.Generator().manual_seed(2)).tolist()
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=1, logits_all=True,
-                          verbose=False)
-    llm.eval(ids)
-    got = torch.tensor(llm.scores[:len(ids)])
-    with torch.no_grad():
-        ref = m(torch.tensor([ids]))[0]
-    assert (got - ref).abs().max() < 1e-3 * ref.abs().max(), (got - ref).abs().max()
-
-
 # ----------------------------------------------------------------------------------- config and bench
 
 
@@ -391,3 +373,38 @@ def test_pte_generate_equals_fake_quant_greedy(quantized_pte):
     assert a == r.generate(prompt, 6, stop_ids=[], temperature=1.0, seed=1) and len(a) == 6
     with pytest.raises(FileNotFoundError):
         PteRunner(pte.parent / "missing.pte")
+
+
+def test_chat_on_a_pte_streams_the_fake_quant_greedy_reply(quantized_pte, tmp_path):
+    """`mobilellm-r1 chat model.pte`: the tokenizer comes from the checkpoint the .pte was exported from, the
+    reply streams, and it is the fake-quant model's greedy continuation of the chat prompt."""
+    import io
+    import shutil
+
+    from mobilellm_r1.cli import UserError
+    from mobilellm_r1.deploy.export import pte_tokenizer, sidecar
+    from mobilellm_r1.model.io import save_model
+    from mobilellm_r1.posttrain.chat import ChatOptions, ChatSession
+
+    pte, m, fq, _ = quantized_pte
+    save_model(tmp_path / "ck", m, tokenizer_spec="smollm2:32768")
+    local = tmp_path / "m.pte"
+    shutil.copy(pte, local)
+    meta = json.loads(sidecar(pte).read_text())
+    sidecar(local).write_text(json.dumps({**meta, "source": str(tmp_path / "ck")}))
+    assert pte_tokenizer(local) == "smollm2:32768"
+    s = ChatSession(str(local), ChatOptions(max_new_tokens=8))
+    out = io.StringIO()
+    res = s.reply("What is 2 + 3?", out)
+    prompt = s.tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}])
+    assert res["prompt_tokens"] == len(prompt) and 1 <= res["new_tokens"] <= 8 and res["ttft_s"] > 0
+    want, ids = [], list(prompt)
+    with torch.no_grad():
+        while len(want) < 8 and (not want or want[-1] not in s.stop):
+            want.append(int(fq(torch.tensor([ids]))[0, -1].argmax()))
+            ids.append(want[-1])
+    assert res["reply"] == s.tok.decode([t for t in want if t not in s.stop]) == out.getvalue()
+    sidecar(local).write_text(json.dumps({**meta, "source": ""}))  # no source, not the paper's vocabulary
+    with pytest.raises(UserError, match="--tokenizer"):
+        ChatSession(str(local), ChatOptions())
+    assert ChatSession(str(local), ChatOptions(tokenizer="smollm2:32768")).tok.vocab_size == 32768

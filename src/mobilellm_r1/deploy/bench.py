@@ -3,11 +3,16 @@ memory-bandwidth roofline.
 
 Rows (runtimes): ``eager_fp32`` (``Transformer.forward`` with our KV cache, weights as trained),
 ``generator_fp32`` (:func:`mobilellm_r1.model.generate.generate` after ``decode_layout()``, what
-``mobilellm-r1 generate`` runs) and ``executorch_8da4w`` (the exported XNNPACK ``.pte``). Columns: contexts
+``mobilellm-r1 generate`` runs), ``executorch_8da4w`` (the exported XNNPACK ``.pte``) and ``llamacpp_q4_0``
+(llama.cpp on our GGUF export, 4-bit groups of 32, through the prebuilt ``cyllama`` bindings of the
+``deploy`` extra; absent bindings make the row a "skipped" line). Columns: contexts
 (prompt + generation tokens). At context ``C`` a run fills ``C - new_tokens`` positions (a real prefill of
 random token ids, or with ``fill = "synthetic"`` a zero cache: decode cost does not depend on the cached
 values) and times ``new_tokens`` greedy decode steps, ``rounds`` times over the same positions, reporting
-the median round.
+the median round. Time to first token (``ttft_s``) is the prefill of the ``C - new_tokens`` prompt plus the
+choice of the first token: in one forward for the torch runtimes, in chunks of the file's prefill length
+for the ``.pte``, in llama.cpp's batches of ``LLAMACPP_BATCH`` (its default) for llama.cpp. llama.cpp has no
+synthetic fill: it always prefills.
 
 Runtimes run in worker processes (``python -m mobilellm_r1.deploy.bench --worker``), one for the two
 torch runtimes and one for ExecuTorch (their thread pools interfere in one process), each importing its
@@ -40,6 +45,9 @@ from ..config import ModelConfig
 from .config import DeployConfig
 
 OOM = "OOM"
+LLAMACPP = "llamacpp_q4_0"
+LLAMACPP_BATCH = 512  # llama.cpp's default n_batch: the prompt goes through in batches of this many tokens
+LLAMACPP_MISSING = "skipped: no llama.cpp bindings (pip install 'mobilellm-r1[deploy]' brings cyllama)"
 
 
 # ------------------------------------------------------------------------------------ byte accounting
@@ -82,12 +90,23 @@ def available_memory_bytes() -> int:
     return 1 << 40
 
 
+def q4_0_bytes_per_token(cfg: ModelConfig) -> int:
+    """Weight bytes one llama.cpp decode step reads from a q4_0 GGUF: every matrix (the tied head too) in
+    blocks of 32 weights stored in 18 bytes (16 of nibbles, an f16 scale), f32 norms, one embedding row."""
+    d, hd = cfg.dim, cfg.head_dim
+    per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.ffn_dim
+    return (per_layer * cfg.n_layers + d * cfg.vocab_size) * 18 // 32 + 4 * d * (2 * cfg.n_layers + 1) + d * 18 // 32
+
+
 def predicted_peak_bytes(cfg: ModelConfig, context: int, runtime: str) -> int:
     """A coarse upper estimate of a run's memory: weights (fp32 copies for eager), the KV cache, and the
     prefill activations (attention works blockwise; MLP and head activations of the prefill length; the
     exported program prefills in chunks of its get_max_seq_len)."""
     fp32_w = 4 * cfg.param_count()
     kv = context * kv_bytes_per_position(cfg)
+    if runtime == LLAMACPP:  # q4_0 weights, f16 KV cache, batches of LLAMACPP_BATCH rows
+        acts = 4 * min(context, LLAMACPP_BATCH) * (3 * cfg.ffn_dim + 6 * cfg.dim + cfg.vocab_size)
+        return fp32_w // 7 + kv // 2 + acts + (512 << 20)
     rows = context if runtime != "executorch_8da4w" else 1
     acts = 4 * rows * (3 * cfg.ffn_dim + 6 * cfg.dim)
     return (fp32_w if runtime != "executorch_8da4w" else fp32_w // 3) + kv + acts + (512 << 20)
@@ -169,7 +188,8 @@ def _torch_runner(spec: dict[str, Any]):
                 model.decode_layout()
         if fast and fill == "prefill":
             res = [generate(model, [prompt], new, stop_token_ids=[]) for _ in range(rounds)]
-            return _decode_summary([(new - 1) / r.decode_tokens_per_s for r in res], new - 1, res[0].prefill_s)
+            return {**_decode_summary([(new - 1) / r.decode_tokens_per_s for r in res], new - 1, res[0].prefill_s),
+                    "ttft_s": res[0].prefill_s}
         cache = model.new_cache(1, context)
         t0 = time.perf_counter()
         if fill == "prefill":
@@ -187,7 +207,7 @@ def _torch_runner(spec: dict[str, Any]):
                 nxt = model(nxt[:, None], cache=cache)[:, -1].argmax(-1)
                 nxt.item()
             times.append(time.perf_counter() - t1)
-        return _decode_summary(times, new - 1, prefill_s)
+        return {**_decode_summary(times, new - 1, prefill_s), "ttft_s": prefill_s if fill == "prefill" else None}
 
     return run, model.cfg
 
@@ -222,6 +242,65 @@ def _pte_runner(spec: dict[str, Any]):
         return {**_decode_summary(times, new - 1, prefill_s), "ttft_s": ttft_s, "prefill_chunk": r.prefill_chunk}
 
     return run, build(ModelConfig, r.meta["model"], f"{spec['model']}.json:model")
+
+
+def llamacpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cyllama") is not None
+
+
+def gguf_config(path: str | Path) -> ModelConfig:
+    """The model configuration a GGUF's metadata describes (no tensor is read). Slow for a large vocabulary:
+    gguf's reader parses every token and merge string (~20 s at Llama-3's 128k ids), so the benchmark passes
+    the configuration it already has to its workers instead."""
+    from gguf import GGUFReader
+
+    from ..model.gguf import _fields, config_from_gguf
+
+    reader = GGUFReader(path)
+    return config_from_gguf(_fields(reader), {t.name for t in reader.tensors}, str(path))
+
+
+def _llamacpp_runner(spec: dict[str, Any]):
+    """llama.cpp on a GGUF through cyllama's bindings of its C API: one context of the largest context
+    length, prompts in batches of ``LLAMACPP_BATCH``, greedy sampling by llama.cpp's own sampler (the argmax
+    over the vocabulary, as the other runtimes take it)."""
+    from cyllama.llama import llama_cpp as cy
+
+    cfg = ModelConfig(**spec["model_config"]) if spec.get("model_config") else gguf_config(spec["model"])
+    cy.disable_logging()
+    cy.ggml_backend_load_all()
+    mp = cy.LlamaModelParams()
+    mp.n_gpu_layers = 0
+    model = cy.LlamaModel(spec["model"], mp)
+    cp = cy.LlamaContextParams()
+    cp.n_ctx = max(spec["contexts"])
+    cp.n_batch = cp.n_ubatch = LLAMACPP_BATCH
+    cp.n_threads = cp.n_threads_batch = spec["threads"]
+    ctx = cy.LlamaContext(model, cp)
+    sampler = cy.LlamaSampler(cy.LlamaSamplerChainParams())
+    sampler.add_greedy()
+
+    def run(context: int, new: int, fill: str, prompt: list[int], rounds: int) -> dict[str, Any]:
+        ctx.memory_seq_rm(0, 0, -1)
+        t0 = time.perf_counter()
+        for i in range(0, len(prompt), LLAMACPP_BATCH):
+            ctx.decode(cy.llama_batch_get_one(prompt[i:i + LLAMACPP_BATCH], i))
+        first = sampler.sample(ctx, -1)
+        ttft_s = time.perf_counter() - t0
+        pos, times = len(prompt), []
+        for _ in range(rounds):  # each round drops what the previous one cached and re-decodes the same positions
+            ctx.memory_seq_rm(0, pos, -1)
+            t = first
+            t1 = time.perf_counter()
+            for i in range(new - 1):
+                ctx.decode(cy.llama_batch_get_one([t], pos + i))
+                t = sampler.sample(ctx, -1)
+            times.append(time.perf_counter() - t1)
+        return {**_decode_summary(times, new - 1, ttft_s), "ttft_s": ttft_s, "prefill_chunk": LLAMACPP_BATCH}
+
+    return run, cfg
 
 
 def _trim() -> None:
@@ -267,14 +346,18 @@ def worker(spec: dict[str, Any]) -> None:
     model run needs, not the interpreter and libraries (``baseline_rss_mb``), nor a parent's peak."""
     import torch
 
-    pte = spec["runtimes"][0]["runtime"] == "executorch_8da4w"
-    # ExecuTorch's own thread pool does the work in its worker; torch only takes an argmax there, and torch's
-    # OpenMP threads spinning after it took the cores from XNNPACK (2 threads: 5.6 -> 3.9 ms for the head)
-    torch.set_num_threads(1 if pte else spec["threads"])
+    kind = spec["runtimes"][0]["runtime"]
+    pte, native = kind == "executorch_8da4w", kind in ("executorch_8da4w", LLAMACPP)
+    # ExecuTorch's (and llama.cpp's) own thread pool does the work in its worker; torch only takes an argmax
+    # there, and torch's OpenMP threads spinning after it took the cores from XNNPACK (2 threads: 5.6 -> 3.9 ms
+    # for the head)
+    torch.set_num_threads(1 if native else spec["threads"])
     if pte:
         from .export import load_runtime
 
         load_runtime()
+    elif kind == LLAMACPP:
+        from cyllama.llama import llama_cpp  # noqa: F401  (imports before the baseline)
     else:
         from ..model.generate import generate  # noqa: F401  (imports before the baseline)
         from ..model.gguf import load_any  # noqa: F401
@@ -284,7 +367,8 @@ def worker(spec: dict[str, Any]) -> None:
         _trim()
         base, _ = rss_mb()
         resettable = reset_peak_rss()
-        run, cfg = (_pte_runner if pte else _torch_runner)({**spec, **item})
+        runner = _pte_runner if pte else _llamacpp_runner if kind == LLAMACPP else _torch_runner
+        run, cfg = runner({**spec, **item})
         load_peak = rss_mb()[1]
         g = torch.Generator().manual_seed(0)
         for c in sorted(item["contexts"]):
@@ -301,10 +385,11 @@ def worker(spec: dict[str, Any]) -> None:
 
 
 def _worker_groups(runtimes: list[str]) -> list[list[str]]:
-    """The torch runtimes share one worker (one import of torch and our model code); ExecuTorch gets its
-    own: its thread pool and torch's interfere when timing."""
-    torch_rts = [r for r in runtimes if r != "executorch_8da4w"]
-    return [g for g in (torch_rts, [r for r in runtimes if r == "executorch_8da4w"]) if g]
+    """The torch runtimes share one worker (one import of torch and our model code); ExecuTorch and llama.cpp
+    get their own: their thread pools and torch's interfere when timing."""
+    own = ("executorch_8da4w", LLAMACPP)
+    groups = [[r for r in runtimes if r not in own]] + [[r for r in runtimes if r == o] for o in own]
+    return [g for g in groups if g]
 
 
 def run_worker(items: list[dict[str, Any]], cfg: DeployConfig, mcfg: ModelConfig, max_context: int = 0,
@@ -328,7 +413,7 @@ def run_worker(items: list[dict[str, Any]], cfg: DeployConfig, mcfg: ModelConfig
     if not todo_items:
         return {"bandwidth": None, "rows": rows}
     spec = {"runtimes": todo_items, "threads": cfg.threads, "new_tokens": cfg.new_tokens, "fill": cfg.fill,
-            "rounds": cfg.rounds, "memory_limit": limit}
+            "rounds": cfg.rounds, "memory_limit": limit, "model_config": asdict(mcfg)}
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "mobilellm_r1.deploy.bench", "--worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout)
@@ -349,9 +434,10 @@ def run_worker(items: list[dict[str, Any]], cfg: DeployConfig, mcfg: ModelConfig
 
 
 def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfig,
-          contexts: list[int] | None = None) -> dict[str, Any]:
+          contexts: list[int] | None = None, gguf: str | Path | None = None) -> dict[str, Any]:
     """Benchmark the runtimes of ``cfg.runtimes`` that have an input: fp32 ones need ``model_dir`` (our
-    checkpoint), ``executorch_8da4w`` needs ``pte``. Returns the results (see :func:`table`)."""
+    checkpoint), ``executorch_8da4w`` needs ``pte``, ``llamacpp_q4_0`` a q4_0 ``gguf`` export (and the
+    cyllama bindings: without them its row is one "skipped" line). Returns the results (see :func:`table`)."""
     from ..model.gguf import load_any
 
     contexts = sorted(contexts or cfg.contexts)
@@ -370,14 +456,21 @@ def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfi
         mcfg = mcfg or build(ModelConfig, meta["model"], str(sidecar(pte)))
         q_group = (meta.get("quantization") or {}).get("group_size", 0)
         max_context = int(meta.get("max_context", 0))
+    if mcfg is None and gguf is not None:
+        mcfg = gguf_config(gguf)
     results: dict[str, Any] = {"contexts": contexts, "threads": cfg.threads, "new_tokens": cfg.new_tokens,
                                "fill": cfg.fill, "runtimes": {}, "config": asdict(cfg)}
     bws = []
     cfg = replace(cfg, contexts=contexts)
+    inputs = {"executorch_8da4w": pte, LLAMACPP: gguf}
     for group in _worker_groups(list(cfg.runtimes)):
-        items = [{"runtime": rt, "model": str(pte if rt == "executorch_8da4w" else model_dir)} for rt in group
-                 if (pte if rt == "executorch_8da4w" else model_dir) is not None]
+        items = [{"runtime": rt, "model": str(inputs.get(rt, model_dir))} for rt in group
+                 if inputs.get(rt, model_dir) is not None]
         if not items:
+            continue
+        if group == [LLAMACPP] and not llamacpp_available():
+            results["runtimes"][LLAMACPP] = {"bandwidth": None, "rows": [{"context": c, "status": LLAMACPP_MISSING}
+                                                                         for c in contexts]}
             continue
         r = run_worker(items, cfg, mcfg, max_context)
         if r["bandwidth"]:
@@ -385,10 +478,10 @@ def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfi
         for it in items:
             rt = it["runtime"]
             quant = rt == "executorch_8da4w"
-            wb = weight_bytes_per_token(mcfg, quant, q_group)
+            wb = q4_0_bytes_per_token(mcfg) if rt == LLAMACPP else weight_bytes_per_token(mcfg, quant, q_group)
             for c, row in r["rows"][rt].items():
                 row["weight_bytes_per_token"] = wb
-                row["kv_bytes_per_token"] = c * kv_bytes_per_position(mcfg)
+                row["kv_bytes_per_token"] = c * kv_bytes_per_position(mcfg, 2 if rt == LLAMACPP else 4)
                 row["bytes_per_token"] = wb + row["kv_bytes_per_token"]
                 if row.get("status") == "ok":  # an ok row always carries the bandwidth measured around it
                     roof = row["bandwidth"] / row["bytes_per_token"]
@@ -413,6 +506,7 @@ def _ctx(c: int) -> str:
 
 
 GRIDS = (("decode tokens/s", "decode_tok_s", ".1f"),
+         ("time to first token (s): prefill of the context's prompt and the first token", "ttft_s", ".2f"),
          ("fraction of bandwidth roofline", "roofline_fraction", ".2f"),
          ("memory (MB): peak RSS of load and decode over the post-import baseline", "mem_mb", ".0f"))
 

@@ -120,12 +120,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_gguf(ckpt: str, out: Path) -> Path | None:
+    """The q4_0 GGUF of ``ckpt`` for the llama.cpp row, or None (with the reason on stderr) when the model
+    cannot be written as one. A checkpoint without a tokenizer at the paper's vocabulary embeds Llama-3's."""
+    from ..model.io import resolve_tokenizer_spec
+    from ..tokenizer import LLAMA3_NUM_BASE, LLAMA3_NUM_SPECIAL
+    from .export import export_gguf
+
+    model, meta = _load(ckpt)
+    spec = resolve_tokenizer_spec(ckpt, meta.get("tokenizer") or "")
+    if not spec and model.cfg.vocab_size == LLAMA3_NUM_BASE + LLAMA3_NUM_SPECIAL:
+        spec = "llama3"
+    print(f"exporting {ckpt} to GGUF q4_0 for llama.cpp...", file=sys.stderr)
+    try:
+        export_gguf(model, out, spec, dtype="q4_0")
+    except ValueError as e:
+        print(f"llama.cpp row skipped: {e}", file=sys.stderr)
+        return None
+    return out
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
     import tempfile
 
     from ..cli import UserError, print_json
-    from .bench import bench
+    from .bench import LLAMACPP, bench, llamacpp_available
     from .export import export_executorch, sidecar
 
     _quiet()
@@ -158,8 +178,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"exporting {target} (8da4w, context {max(contexts)})...", file=sys.stderr)
                 model, _ = _load(str(target))
                 export_executorch(model, pte, max(contexts), group_size=cfg.group_size, source=str(target))
+        gguf = args.gguf
+        if gguf is None and LLAMACPP in cfg.runtimes and model_dir is not None and llamacpp_available():
+            gguf = _bench_gguf(str(model_dir), Path(tmp) / "model-q4_0.gguf")
         try:
-            res = bench(model_dir, pte, cfg, contexts)
+            res = bench(model_dir, pte, cfg, contexts, gguf=gguf)
         except ValueError as e:
             raise UserError(str(e)) from None
     if args.json:
@@ -200,7 +223,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", help="our checkpoint directory, or an exported .pte")
     p.add_argument("--contexts", help="comma-separated, e.g. 1024,2048,4096")
     p.add_argument("--pte", help="with a checkpoint: its exported .pte (default: export one to a temp dir)")
-    p.add_argument("--runtimes", help="comma-separated subset of eager_fp32,generator_fp32,executorch_8da4w")
+    p.add_argument("--runtimes", help="comma-separated subset of eager_fp32,generator_fp32,executorch_8da4w,"
+                                      "llamacpp_q4_0")
+    p.add_argument("--gguf", help="with a checkpoint: its q4_0 GGUF for llama.cpp (default: export one to a temp dir)")
     p.add_argument("--threads", type=int)
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--rounds", type=int, help="decode rounds per context; the median is reported")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +304,26 @@ def sidecar(pte: str | Path) -> Path:
     return pte.with_name(pte.name + ".json")
 
 
+def pte_tokenizer(pte: str | Path) -> str:
+    """The tokenizer spec of an exported ``.pte``: its source checkpoint's (the sidecar records where it
+    came from), else Llama-3's when the vocabulary is the paper's 128,256 ids."""
+    from ..model.io import CheckpointError, read_meta, resolve_tokenizer_spec
+
+    meta = json.loads(sidecar(pte).read_text()) if sidecar(pte).is_file() else {}
+    src = meta.get("source") or ""
+    if src and Path(src).is_dir():
+        try:
+            spec = read_meta(src).get("tokenizer") or ""
+        except CheckpointError:
+            spec = ""
+        if spec:
+            return resolve_tokenizer_spec(src, spec)
+    if (meta.get("model") or {}).get("vocab_size") == 128256:
+        return "llama3"
+    raise ValueError(f"{pte}: cannot tell its tokenizer (its source checkpoint {src or '(none)'} names none); "
+                     "pass --tokenizer")
+
+
 def _model_dict(model: Transformer) -> dict[str, Any]:
     from ..config import to_dict
 
@@ -373,11 +394,13 @@ class PteRunner:
         return logits
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, *, stop_ids: list[int] | None = None,
-                 temperature: float = 0.0, seed: int | None = None, on_token=None) -> list[int]:
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, on_token=None) -> list[int]:
         """Generate up to ``max_new_tokens`` after ``prompt_ids`` (greedy at ``temperature`` 0, else
-        sampled); stops after a token in ``stop_ids`` (default: the file's ``get_eos_ids``; pass ``[]`` for
-        none), which is included in the result, or at the exported context. ``on_token(id)`` is called as
-        each token is chosen (streaming)."""
+        sampled, nucleus ``top_p``); stops after a token in ``stop_ids`` (default: the file's
+        ``get_eos_ids``; pass ``[]`` for none), which is included in the result, or at the exported
+        context. ``on_token(id)`` is called as each token is chosen (streaming)."""
+        from ..model.generate import sample_next
+
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature < 0:
@@ -390,11 +413,7 @@ class PteRunner:
         logits = self.prefill(prompt_ids)
         pos = len(prompt_ids)
         while True:
-            if temperature > 0:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                t = int(torch.multinomial(probs, 1, generator=gen))
-            else:
-                t = int(logits.argmax())
+            t = int(sample_next(logits.float()[None], temperature, top_p, gen)[0])
             out.append(t)
             if on_token is not None:
                 on_token(t)
@@ -410,6 +429,57 @@ class PteRunner:
 # ---------------------------------------------------------------------------------------------- GGUF
 
 
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list of a byte-level BPE given only its ranks (tiktoken's form: no merges stored).
+
+    tiktoken merges, at each step, the adjacent pair whose concatenation has the lowest rank. A merge list
+    applied by priority does the same when it holds every pair ``(a, b)`` of tokens whose concatenation is
+    a token, ordered by the rank of that concatenation: a token reachable by several splits gets one merge
+    per split, so the result never depends on which parts happened to form first."""
+    merges = []
+    for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        pairs = [(ranks[tok[:i]], tok[:i], tok[i:]) for i in range(1, len(tok))
+                 if tok[:i] in ranks and tok[i:] in ranks]
+        merges += [(x, y) for _, x, y in sorted(pairs)]
+    return merges
+
+
+@lru_cache(maxsize=1)
+def _llama3_tokenizer_fields() -> tuple:
+    """The Llama-3 vocabulary (the paper's 128,256 ids) as GGUF ``tokenizer.*`` fields, from the tiktoken
+    ranks our ``llama3`` tokenizer reads offline: byte-level tokens in GPT-2's alphabet, merges recovered
+    from the ranks, the 256 specials as control tokens, and llama.cpp's ``llama-bpe`` pre-tokenizer (the
+    Llama-3 split pattern)."""
+    from gguf import GGUFValueType
+
+    from ..assets import llama3_tokenizer_model
+    from ..tokenizer import _byte_decoder, _read_tiktoken_ranks, llama3_special_tokens
+
+    ranks = _read_tiktoken_ranks(llama3_tokenizer_model())
+    enc = {b: c for c, b in _byte_decoder().items()}
+
+    def text(b: bytes) -> str:
+        return "".join(enc[x] for x in b)
+
+    by_rank = sorted(ranks, key=ranks.__getitem__)
+    if [ranks[t] for t in by_rank] != list(range(len(ranks))):
+        raise ValueError("llama3 tokenizer: the ranks are not 0..n-1")
+    specials = sorted(llama3_special_tokens().items(), key=lambda kv: kv[1])
+    tokens = [text(t) for t in by_rank] + [name for name, _ in specials]
+    types = [1] * len(by_rank) + [3] * len(specials)  # llama.cpp token types: 1 normal, 3 control
+    merges = [f"{text(a)} {text(b)}" for a, b in bpe_merges(ranks)]
+    S, A, U32, I32 = GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.UINT32, GGUFValueType.INT32
+    return (("tokenizer.ggml.model", "gpt2", S, None),
+            ("tokenizer.ggml.pre", "llama-bpe", S, None),
+            ("tokenizer.ggml.tokens", tokens, A, S),
+            ("tokenizer.ggml.token_type", types, A, I32),
+            ("tokenizer.ggml.merges", merges, A, S),
+            ("tokenizer.ggml.bos_token_id", 128000, U32, None),
+            ("tokenizer.ggml.eos_token_id", 128009, U32, None),  # <|eot_id|>: where a chat turn ends
+            ("tokenizer.ggml.padding_token_id", 127999, U32, None),
+            ("tokenizer.ggml.add_bos_token", True, GGUFValueType.BOOL, None))
+
+
 def _gguf_tokenizer_fields(spec: str):
     """``(key, value, type, sub_type)`` of the ``tokenizer.*`` metadata of a GGUF tokenizer spec."""
     from gguf import GGUFReader, GGUFValueType
@@ -417,11 +487,14 @@ def _gguf_tokenizer_fields(spec: str):
     from ..assets import smollm2_gguf
     from ..tokenizer import vocab_prefix_of
 
+    if spec == "llama3":
+        yield from _llama3_tokenizer_fields()
+        return
     cut = vocab_prefix_of(spec) if not Path(spec).exists() else None
     base = cut[0] if cut else spec
     path = smollm2_gguf() if base == "smollm2" else Path(base)
     if not (path.is_file() and path.suffix == ".gguf"):
-        raise ValueError(f"GGUF export needs a GGUF tokenizer to embed ('smollm2', a .gguf file, or one of them "
+        raise ValueError(f"GGUF export needs a GGUF tokenizer to embed ('llama3', 'smollm2', a .gguf file, or one of them "
                          f"cut to its first ids); the model's tokenizer is {spec!r}")
     fields = {name: f for name, f in GGUFReader(path).fields.items() if name.startswith("tokenizer.")}
     tokens = fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in fields else []
@@ -514,5 +587,5 @@ def export_gguf(model: Transformer, out: str | Path, tokenizer_spec: str, dtype:
             "size_ratio": size / fp32}
 
 
-__all__ = ["PackedEmbedding", "PteRunner", "StaticCacheLM", "export_executorch", "export_gguf",
+__all__ = ["PackedEmbedding", "PteRunner", "pte_tokenizer", "StaticCacheLM", "export_executorch", "export_gguf",
            "load_custom_ops", "prepare_quantized_for_export", "sidecar"]

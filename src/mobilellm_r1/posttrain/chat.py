@@ -1,5 +1,6 @@
-"""Chat with a checkpoint: the conversation is rendered with the tokenizer's chat template and the reply
-is streamed token by token as it is generated (KV-cache decoding, :func:`model.generate.generate`)."""
+"""Chat with a checkpoint or an exported ``.pte``: the conversation is rendered with the tokenizer's chat
+template and the reply is streamed token by token as it is generated (the generation engine on a torch
+model; :meth:`~mobilellm_r1.deploy.export.PteRunner.generate` on a ``.pte``, no torch model involved)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class ChatOptions:
     top_p: float = 0.95
     seed: int = 0
     device: str = "auto"
+    tokenizer: str = ""  # "" = the model's own (a .pte: its source checkpoint's)
 
 
 class StreamDecoder:
@@ -43,17 +45,29 @@ class ChatSession:
         from ..train.distributed import pick_device
         from ..train.loop import load_model_spec
 
-        self.opts = opts
-        dev = pick_device(opts.device)
-        self.model, meta = load_model_spec(model_spec, device=dev)
-        self.model.eval()
-        self.tok = load_tokenizer(meta.get("tokenizer") or "llama3")
-        if self.tok.chat is None:
-            from ..cli import UserError
+        from ..cli import UserError
 
+        self.opts = opts
+        self.pte = None
+        if str(model_spec).endswith(".pte"):
+            from ..deploy.export import PteRunner, pte_tokenizer
+
+            self.model = None
+            self.pte = PteRunner(model_spec)
+            try:
+                spec = opts.tokenizer or pte_tokenizer(model_spec)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            self.max_len, vocab, eos = self.pte.max_context, int(self.pte.meta["model"]["vocab_size"]), self.pte.eos_ids
+        else:
+            self.model, meta = load_model_spec(model_spec, device=pick_device(opts.device))
+            self.model.eval()
+            spec = opts.tokenizer or meta.get("tokenizer") or "llama3"
+            self.max_len, vocab, eos = self.model.cfg.max_seq_len, self.model.cfg.vocab_size, self.model.cfg.eos_ids
+        self.tok = load_tokenizer(spec)
+        if self.tok.chat is None:
             raise UserError(f"tokenizer {self.tok.name!r} has no chat format")
-        cfg = self.model.cfg
-        self.stop = sorted({i for i in list(self.tok.eos_ids) + list(cfg.eos_ids) if 0 <= i < cfg.vocab_size})
+        self.stop = sorted({i for i in list(self.tok.eos_ids) + list(eos) if 0 <= i < vocab})
         self.messages: list[dict] = [{"role": "system", "content": opts.system}] if opts.system else []
 
     def reply(self, user: str, out: TextIO | None = None) -> dict[str, Any]:
@@ -63,7 +77,7 @@ class ChatSession:
 
         self.messages.append({"role": "user", "content": user})
         prompt = self.tok.apply_chat_template(self.messages, add_generation_prompt=True)
-        budget = self.model.cfg.max_seq_len - len(prompt)
+        budget = self.max_len - len(prompt)
         if budget <= 0:
             raise ValueError(f"the conversation ({len(prompt)} tokens) fills the model's context")
         stream = StreamDecoder(self.tok.decode, set(self.stop))
@@ -73,6 +87,9 @@ class ChatSession:
             if piece and out is not None:
                 out.write(piece)
                 out.flush()
+
+        if self.pte is not None:
+            return self._reply_pte(prompt, min(self.opts.max_new_tokens, budget), on_token)
 
         res = run_engine(self.model, [Request(prompt, min(self.opts.max_new_tokens, budget))],
                          EngineConfig(slots=1, temperature=self.opts.temperature, top_p=self.opts.top_p,
@@ -86,6 +103,28 @@ class ChatSession:
         return {"reply": text, "new_tokens": len(ids), "finish_reason": reply.finish_reason,
                 "prompt_tokens": len(prompt), **res.timing_s, "total_s": res.seconds,
                 "tokens_per_s": res.tokens_per_s}
+
+
+    def _reply_pte(self, prompt: list[int], budget: int, on_token) -> dict[str, Any]:
+        import time
+
+        t0, first = time.perf_counter(), []
+
+        def stream(t: int) -> None:
+            if not first:
+                first.append(time.perf_counter() - t0)
+            on_token(0, 0, t)
+
+        ids = self.pte.generate(prompt, budget, stop_ids=self.stop, temperature=self.opts.temperature,
+                                top_p=self.opts.top_p, seed=self.opts.seed, on_token=stream)
+        total = time.perf_counter() - t0
+        text = self.tok.decode([t for t in ids if t not in self.stop])
+        self.messages.append({"role": "assistant", "content": text})
+        why = "stop_token" if ids and ids[-1] in self.stop else "length"
+        decode_s = total - (first[0] if first else 0.0)
+        return {"reply": text, "new_tokens": len(ids), "finish_reason": why, "prompt_tokens": len(prompt),
+                "ttft_s": first[0] if first else None, "total_s": total,
+                "tokens_per_s": (len(ids) - 1) / decode_s if len(ids) > 1 and decode_s > 0 else 0.0}
 
 
 def interactive(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:

@@ -78,7 +78,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     session = ChatSession(args.ckpt, ChatOptions(system=args.system or "", max_new_tokens=args.max_new_tokens,
                                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                                 device=args.device))
+                                                 device=args.device, tokenizer=args.tokenizer or ""))
     if args.prompt is None:
         interactive(session)
         return 0
@@ -121,7 +121,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("chat", help="chat with a checkpoint (interactive, streamed; or one-shot --prompt)")
-    p.add_argument("ckpt", help="checkpoint dir, HF dir, .gguf file or 'smollm2'")
+    p.add_argument("ckpt", help="checkpoint dir, HF dir, .gguf file, exported .pte or 'smollm2'")
+    p.add_argument("--tokenizer", help="tokenizer spec (default: the model's; a .pte: its source checkpoint's)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=512)
