@@ -77,5 +77,7 @@ def test_generate_benchmark_engine_workloads(workload):
     if workload == "longtail":
         assert out["identical_greedy_tokens"] is True
         assert out["completion_lengths"]["max"] >= 10 * out["completion_lengths"]["min"]
+        assert out["decode_steps"]["engine"] < out["decode_steps"]["static"]  # refilled slots: fewer steps
+        assert out["step_ratio"] == pytest.approx(out["decode_steps"]["static"] / out["decode_steps"]["engine"], abs=1e-3)
     else:
         assert out["prefills"] == {"static": 8, "engine": 1}
