@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="decode rounds per context (median reported)")
     ap.add_argument("--fill", choices=["prefill", "synthetic"], default="prefill")
     ap.add_argument("--keep", help="directory to keep the checkpoint and .pte in")
+    ap.add_argument("--llama-bench", help="a llama-bench binary of llama.cpp built for this CPU: adds that row")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -56,7 +57,9 @@ def main() -> None:
 
     contexts = [int(c) for c in args.contexts.split(",")]
     cfg = DeployConfig(contexts=contexts, threads=args.threads, new_tokens=args.new_tokens, fill=args.fill,
-                       rounds=args.rounds)
+                       rounds=args.rounds, llama_bench=args.llama_bench or "")
+    if args.llama_bench:
+        cfg.runtimes.append("llamacpp_native")
     with tempfile.TemporaryDirectory() as tmp:
         d = args.keep or tmp
         torch.manual_seed(0)
@@ -68,7 +71,8 @@ def main() -> None:
         t = time.perf_counter()
         exp = export_executorch(model, os.path.join(d, "model-8da4w.pte"), max(contexts), source=os.path.join(d, "ckpt"))
         export_s = time.perf_counter() - t
-        gguf = _bench_gguf(os.path.join(d, "ckpt"), os.path.join(d, "model-q4_0.gguf")) if llamacpp_available() else None
+        gguf = (_bench_gguf(os.path.join(d, "ckpt"), os.path.join(d, "model-q4_0.gguf"))
+                if llamacpp_available() or args.llama_bench else None)
         res = bench(os.path.join(d, "ckpt"), os.path.join(d, "model-8da4w.pte"), cfg, gguf=gguf)
     rows = {rt: r["rows"][0] for rt, r in res["runtimes"].items()}
     q = rows["executorch_8da4w"]
@@ -85,12 +89,13 @@ def main() -> None:
         "table": res["table"], "results": res,
         "ttft_s": {rt: {r["context"]: r.get("ttft_s") for r in v["rows"]} for rt, v in res["runtimes"].items()},
     }
-    lc = rows.get(LLAMACPP, {})
-    if lc.get("status") == "ok":
-        out["ttft_ratio_vs_llamacpp"] = q["ttft_s"] / lc["ttft_s"]
-        out["decode_ratio_vs_llamacpp"] = q["decode_tok_s"] / lc["decode_tok_s"]
-    else:
-        out["llamacpp"] = lc.get("status", "not run")
+    for rt, tag in ((LLAMACPP, "llamacpp"), ("llamacpp_native", "llamacpp_native")):
+        lc = rows.get(rt, {})
+        if lc.get("status") == "ok":
+            out[f"ttft_ratio_vs_{tag}"] = q["ttft_s"] / lc["ttft_s"]
+            out[f"decode_ratio_vs_{tag}"] = q["decode_tok_s"] / lc["decode_tok_s"]
+        elif rt in cfg.runtimes:
+            out[tag] = lc.get("status", "not run")
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:
@@ -98,11 +103,12 @@ def main() -> None:
         print(f"at {contexts[0]} context: {out['speedup_vs_fp32']:.2f}x our fastest fp32 decode "
               f"({out['speedup_vs_eager']:.2f}x eager), {out['roofline_fraction']:.0%} of the bandwidth roofline; "
               f".pte {exp['bytes'] / 1e6:.1f} MB = {exp['size_ratio']:.1%} of fp32")
-        if "ttft_ratio_vs_llamacpp" in out:
-            print(f"vs llama.cpp (q4_0): time to first token {out['ttft_ratio_vs_llamacpp']:.2f}x, "
-                  f"decode {out['decode_ratio_vs_llamacpp']:.2f}x")
-        else:
-            print(f"llama.cpp: {out['llamacpp']}")
+        for tag in ("llamacpp", "llamacpp_native"):
+            if f"ttft_ratio_vs_{tag}" in out:
+                print(f"vs {tag} (q4_0): time to first token {out[f'ttft_ratio_vs_{tag}']:.2f}x, "
+                      f"decode {out[f'decode_ratio_vs_{tag}']:.2f}x")
+            elif tag in out:
+                print(f"{tag}: {out[tag]}")
 
 
 if __name__ == "__main__":

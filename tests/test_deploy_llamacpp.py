@@ -152,3 +152,32 @@ def test_bench_llama_cpp_row(llama3_gguf, tmp_path, monkeypatch):
     monkeypatch.setattr(B, "llamacpp_available", lambda: False)
     res = B.bench(llama3_gguf.parent / "ckpt", None, cfg, gguf=llama3_gguf)
     assert [r["status"] for r in res["runtimes"]["llamacpp_q4_0"]["rows"]] == [B.LLAMACPP_MISSING] * 2
+
+
+def _llama_bench() -> str | None:
+    """A llama-bench binary of a native llama.cpp build: $MOBILELLM_LLAMA_BENCH, or on the PATH."""
+    import os
+    import shutil
+
+    return os.environ.get("MOBILELLM_LLAMA_BENCH") or shutil.which("llama-bench")
+
+
+def test_native_llama_cpp_row_is_skipped_without_a_binary(llama3_gguf, tmp_path):
+    from mobilellm_r1.deploy import bench as B
+
+    cfg = DeployConfig(contexts=[48], new_tokens=8, runtimes=["llamacpp_native"], llama_bench=str(tmp_path / "none"))
+    row = B.bench(llama3_gguf.parent / "ckpt", None, cfg, gguf=llama3_gguf)["runtimes"]["llamacpp_native"]["rows"][0]
+    assert row["status"].startswith("skipped: no llama-bench binary")
+
+
+@pytest.mark.skipif(_llama_bench() is None, reason="no llama-bench (set MOBILELLM_LLAMA_BENCH to a llama.cpp build)")
+def test_native_llama_cpp_row(llama3_gguf):
+    from mobilellm_r1.deploy import bench as B
+
+    cfg = DeployConfig(contexts=[48, 96], new_tokens=8, rounds=2, runtimes=["llamacpp_native"],
+                       llama_bench=_llama_bench())
+    res = B.bench(llama3_gguf.parent / "ckpt", None, cfg, gguf=llama3_gguf)
+    for r in res["runtimes"]["llamacpp_native"]["rows"]:
+        assert r["status"] == "ok", r
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and 0 < r["roofline_fraction"]
+        assert r["ttft_s"] == pytest.approx((r["context"] - 8) / r["prefill_tok_s"] + 1 / r["decode_tok_s"])

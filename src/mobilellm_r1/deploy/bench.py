@@ -5,7 +5,10 @@ Rows (runtimes): ``eager_fp32`` (``Transformer.forward`` with our KV cache, weig
 ``generator_fp32`` (:func:`mobilellm_r1.model.generate.generate` after ``decode_layout()``, what
 ``mobilellm-r1 generate`` runs), ``executorch_8da4w`` (the exported XNNPACK ``.pte``) and ``llamacpp_q4_0``
 (llama.cpp on our GGUF export, 4-bit groups of 32, through the prebuilt ``cyllama`` bindings of the
-``deploy`` extra; absent bindings make the row a "skipped" line). Columns: contexts
+``deploy`` extra, whose kernels are AVX2; absent bindings make the row a "skipped" line) and, on request,
+``llamacpp_native``: the same GGUF timed by the ``llama-bench`` of a llama.cpp built for this CPU
+(``DeployConfig.llama_bench``; prompt processing of the prompt, then generation at that depth; its memory is
+not measured). Columns: contexts
 (prompt + generation tokens). At context ``C`` a run fills ``C - new_tokens`` positions (a real prefill of
 random token ids, or with ``fill = "synthetic"`` a zero cache: decode cost does not depend on the cached
 values) and times ``new_tokens`` greedy decode steps, ``rounds`` times over the same positions, reporting
@@ -48,6 +51,7 @@ OOM = "OOM"
 LLAMACPP = "llamacpp_q4_0"
 LLAMACPP_BATCH = 512  # llama.cpp's default n_batch: the prompt goes through in batches of this many tokens
 LLAMACPP_MISSING = "skipped: no llama.cpp bindings (pip install 'mobilellm-r1[deploy]' brings cyllama)"
+LLAMACPP_NATIVE = "llamacpp_native"
 
 
 # ------------------------------------------------------------------------------------ byte accounting
@@ -303,6 +307,28 @@ def _llamacpp_runner(spec: dict[str, Any]):
     return run, cfg
 
 
+def llama_bench_row(binary: str, gguf: str | Path, context: int, new: int, threads: int, rounds: int,
+                    timeout: float = 1800) -> dict[str, Any]:
+    """One ``llamacpp_native`` cell: llama-bench's prompt processing of ``context - new`` tokens (in batches
+    of ``LLAMACPP_BATCH``) and its generation of ``new`` tokens after that many, ``rounds`` repetitions each
+    (llama-bench reports their mean). Time to first token = the prompt at the measured rate plus one token."""
+    prompt = context - new
+
+    def run(*args: str) -> float:
+        proc = subprocess.run([binary, "-m", str(gguf), "-t", str(threads), "-b", str(LLAMACPP_BATCH), "-ub",
+                               str(LLAMACPP_BATCH), "-r", str(rounds), "-o", "json", *args],
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-bench failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}")
+        return float(json.loads(proc.stdout)[0]["avg_ts"])
+
+    pp = run("-p", str(prompt), "-n", "0")
+    tg = run("-p", "0", "-n", str(new), "-d", str(prompt))
+    return {"context": context, "status": "ok", "decode_tok_s": tg, "decode_tok_s_rounds": [tg],
+            "prefill_s": prompt / pp, "ttft_s": prompt / pp + 1 / tg, "prefill_tok_s": pp,
+            "prefill_chunk": LLAMACPP_BATCH, "mem_mb": None}
+
+
 def _trim() -> None:
     """Hand freed heap memory back to the OS, so a new peak window starts from what is really in use."""
     import ctypes
@@ -387,7 +413,7 @@ def worker(spec: dict[str, Any]) -> None:
 def _worker_groups(runtimes: list[str]) -> list[list[str]]:
     """The torch runtimes share one worker (one import of torch and our model code); ExecuTorch and llama.cpp
     get their own: their thread pools and torch's interfere when timing."""
-    own = ("executorch_8da4w", LLAMACPP)
+    own = ("executorch_8da4w", LLAMACPP, LLAMACPP_NATIVE)
     groups = [[r for r in runtimes if r not in own]] + [[r for r in runtimes if r == o] for o in own]
     return [g for g in groups if g]
 
@@ -462,7 +488,7 @@ def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfi
                                "fill": cfg.fill, "runtimes": {}, "config": asdict(cfg)}
     bws = []
     cfg = replace(cfg, contexts=contexts)
-    inputs = {"executorch_8da4w": pte, LLAMACPP: gguf}
+    inputs = {"executorch_8da4w": pte, LLAMACPP: gguf, LLAMACPP_NATIVE: gguf}
     for group in _worker_groups(list(cfg.runtimes)):
         items = [{"runtime": rt, "model": str(inputs.get(rt, model_dir))} for rt in group
                  if inputs.get(rt, model_dir) is not None]
@@ -472,16 +498,20 @@ def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfi
             results["runtimes"][LLAMACPP] = {"bandwidth": None, "rows": [{"context": c, "status": LLAMACPP_MISSING}
                                                                          for c in contexts]}
             continue
-        r = run_worker(items, cfg, mcfg, max_context)
+        if group == [LLAMACPP_NATIVE]:
+            r = _native_rows(cfg, gguf, contexts)
+        else:
+            r = run_worker(items, cfg, mcfg, max_context)
         if r["bandwidth"]:
             bws.append(r["bandwidth"])
         for it in items:
             rt = it["runtime"]
             quant = rt == "executorch_8da4w"
-            wb = q4_0_bytes_per_token(mcfg) if rt == LLAMACPP else weight_bytes_per_token(mcfg, quant, q_group)
+            gg = rt in (LLAMACPP, LLAMACPP_NATIVE)
+            wb = q4_0_bytes_per_token(mcfg) if gg else weight_bytes_per_token(mcfg, quant, q_group)
             for c, row in r["rows"][rt].items():
                 row["weight_bytes_per_token"] = wb
-                row["kv_bytes_per_token"] = c * kv_bytes_per_position(mcfg, 2 if rt == LLAMACPP else 4)
+                row["kv_bytes_per_token"] = c * kv_bytes_per_position(mcfg, 2 if gg else 4)
                 row["bytes_per_token"] = wb + row["kv_bytes_per_token"]
                 if row.get("status") == "ok":  # an ok row always carries the bandwidth measured around it
                     roof = row["bandwidth"] / row["bytes_per_token"]
@@ -492,6 +522,25 @@ def bench(model_dir: str | Path | None, pte: str | Path | None, cfg: DeployConfi
     results["kv_bytes_per_position"] = kv_bytes_per_position(mcfg)
     results["table"] = table(results)
     return results
+
+
+def _native_rows(cfg: DeployConfig, gguf: str | Path, contexts: list[int]) -> dict[str, Any]:
+    """``llamacpp_native`` cells, in this process (llama-bench is a process of its own), with the bandwidth
+    measured around each as for the other runtimes."""
+    binary = cfg.llama_bench
+    rows: dict[int, dict[str, Any]] = {}
+    for c in contexts:
+        if not binary or not Path(binary).is_file():
+            rows[c] = {"context": c, "status": "skipped: no llama-bench binary (deploy.llama_bench / --llama-bench)"}
+            continue
+        before = measure_bandwidth(cfg.threads, repeats=3)
+        try:
+            rows[c] = llama_bench_row(binary, gguf, c, cfg.new_tokens, cfg.threads, cfg.rounds)
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError, IndexError) as e:
+            rows[c] = {"context": c, "status": f"error: {e}"}
+            continue
+        rows[c]["bandwidth"] = max(before, measure_bandwidth(cfg.threads, repeats=3))
+    return {"bandwidth": None, "rows": {LLAMACPP_NATIVE: rows}}
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:

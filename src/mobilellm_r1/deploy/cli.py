@@ -145,7 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
     from ..cli import UserError, print_json
-    from .bench import LLAMACPP, bench, llamacpp_available
+    from .bench import LLAMACPP, LLAMACPP_NATIVE, bench, llamacpp_available
     from .export import export_executorch, sidecar
 
     _quiet()
@@ -154,6 +154,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               ("rounds", args.rounds)) if v is not None}
     if args.runtimes:
         over["runtimes"] = args.runtimes.split(",")
+    if args.llama_bench:
+        over["llama_bench"] = args.llama_bench
+        over["runtimes"] = [*over.get("runtimes", cfg.runtimes), "llamacpp_native"]
     try:
         contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else cfg.contexts
         cfg = dataclasses.replace(cfg, contexts=contexts, **over)
@@ -179,7 +182,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 model, _ = _load(str(target))
                 export_executorch(model, pte, max(contexts), group_size=cfg.group_size, source=str(target))
         gguf = args.gguf
-        if gguf is None and LLAMACPP in cfg.runtimes and model_dir is not None and llamacpp_available():
+        if gguf is None and {LLAMACPP, LLAMACPP_NATIVE} & set(cfg.runtimes) and model_dir is not None and llamacpp_available():
             gguf = _bench_gguf(str(model_dir), Path(tmp) / "model-q4_0.gguf")
         try:
             res = bench(model_dir, pte, cfg, contexts, gguf=gguf)
@@ -225,6 +228,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pte", help="with a checkpoint: its exported .pte (default: export one to a temp dir)")
     p.add_argument("--runtimes", help="comma-separated subset of eager_fp32,generator_fp32,executorch_8da4w,"
                                       "llamacpp_q4_0")
+    p.add_argument("--llama-bench", help="also time the GGUF with this llama-bench binary (llama.cpp built for "
+                                         "this CPU): the llamacpp_native row")
     p.add_argument("--gguf", help="with a checkpoint: its q4_0 GGUF for llama.cpp (default: export one to a temp dir)")
     p.add_argument("--threads", type=int)
     p.add_argument("--new-tokens", type=int)

@@ -11,8 +11,9 @@ FORMATS = ("hf", "executorch", "gguf")
 GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")  # tensor types of a GGUF's matrices (q4_0: the paper's scheme)
 # Decode runtimes the benchmark compares: plain eager PyTorch with our KV cache, our generator
 # (model/generate.py after Transformer.decode_layout), the exported 8da4w ExecuTorch/XNNPACK program, and
-# llama.cpp on our q4_0 GGUF export (the runtime a phone app would otherwise ship).
-RUNTIMES = ("eager_fp32", "generator_fp32", "executorch_8da4w", "llamacpp_q4_0")
+# llama.cpp on our q4_0 GGUF export (the runtime a phone app would otherwise ship): through the prebuilt
+# bindings, or a llama.cpp built for this CPU (its llama-bench binary; not in the default rows).
+RUNTIMES = ("eager_fp32", "generator_fp32", "executorch_8da4w", "llamacpp_q4_0", "llamacpp_native")
 
 
 @dataclass
@@ -37,7 +38,8 @@ class DeployConfig:
     # one early bandwidth figure and one decode run can land in different load regimes.
     rounds: int = 3
     threads: int = 1  # torch / XNNPACK threads in the benchmark workers
-    runtimes: list[str] = field(default_factory=lambda: list(RUNTIMES))
+    runtimes: list[str] = field(default_factory=lambda: list(RUNTIMES[:4]))
+    llama_bench: str = ""  # llamacpp_native: a llama-bench binary (llama.cpp built with GGML_NATIVE for this CPU)
     # Decode speed does not depend on the cached values: "synthetic" starts decoding at position
     # context - new_tokens over a zero cache instead of a real prefill (fast at 16k/32k).
     fill: str = "prefill"
