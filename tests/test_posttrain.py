@@ -258,6 +258,61 @@ def test_group_advantages_and_clipped_loss():
     assert loss.item() == pytest.approx(-(1.2 + 1.0) / 2) and info["clip_frac"] == 0.5
     loss.backward()
     assert lp[0].grad[0] == 0 and lp[0].grad[1] == pytest.approx(-0.5)
+    # token-level normalisation (DAPO): completions of 1 and 3 tokens, each token's term / all 4 tokens
+    lp = [torch.zeros(1, requires_grad=True), torch.zeros(3, requires_grad=True)]
+    loss, _ = grpo_loss(lp, [x.detach() for x in lp], torch.tensor([1.0, -1.0]), clip_eps=0.2, n_tokens=4)
+    assert loss.item() == pytest.approx((-1 + 3) / 4)
+    loss, _ = grpo_loss(lp, [x.detach() for x in lp], torch.tensor([1.0, -1.0]), clip_eps=0.2)
+    assert loss.item() == pytest.approx(0.0)  # sequence-level: -1/2 + 1/2
+
+
+def test_grpo_dynamic_sampling_drops_agreeing_groups(tmp_path):
+    """DAPO dynamic sampling on the toy task (token-level loss on): at a reward of ~0.1 many groups of 8 are
+    all 0, near the end many are all 1; those are dropped and more prompts drawn (up to 3 rounds), so some
+    steps sample more than once and no step trains on more than ``prompts_per_step`` groups; the reward (over
+    every rollout drawn) still rises as in the plain test."""
+    from mobilellm_r1.posttrain.grpo import GRPOOptions, train_grpo
+    from mobilellm_r1.train.loop import TrainOptions, train_stage
+
+    rec = _toy_grpo_recipe(tmp_path, "ours", grpo={"dynamic_sampling": True, "max_sample_rounds": 3,
+                                                   "loss_norm": "token"})
+    train_stage(rec, "sft", TrainOptions(out=str(tmp_path / "sft"), progress=False))
+    res = train_grpo(rec, "grpo", GRPOOptions(out=str(tmp_path / "grpo"), progress=False))
+    steps = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()
+             if '"reward_mean"' in x]
+    assert len(steps) == 30
+    assert all(s["groups_trained"] <= 8 and 1 <= s["sample_rounds"] <= 3 for s in steps)
+    assert any(s["sample_rounds"] > 1 for s in steps) and any(s["zero_var_groups"] > 0 for s in steps)
+    r = res["reward_mean"]
+    assert np.mean(r[-5:]) > np.mean(r[:5]) + 0.4, r
+
+
+def _toy_grpo_recipe(tmp_path, engine, grpo=None):
+    """The toy digit task of the fast GRPO test: a 300-id BPE, SFT data answering uniformly, prompts."""
+    from mobilellm_r1.tokenizer import train_bpe
+
+    tok = train_bpe([f"Pick a digit. \\boxed{{{i % 10}}} The answer is {i}." for i in range(200)],
+                    tmp_path / "bpe", vocab_size=300, name="toy")
+    sft = tmp_path / "digits.jsonl"
+    sft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "Pick a digit."},
+                                                    {"role": "assistant", "content": f"\\boxed{{{i % 10}}}"}]}) + "\n"
+                           for i in range(100)))
+    prompts = tmp_path / "prompts.jsonl"
+    long_prompt = {"messages": [{"role": "user", "content": "Pick a digit. " * 40}], "answer": "7"}
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"messages": [{"role": "user", "content": "Pick a digit."}], "answer": "7"}, long_prompt)))
+    model = {"preset": "micro", "dim": 64, "n_layers": 2, "ffn_dim": 192, "vocab_size": tok.vocab_size,
+             "bos_id": tok.bos_id, "eos_ids": tok.eos_ids, "pad_id": tok.pad_id}
+    return recipe_from_dict({
+        "run": {"name": "toy", "seed": 0}, "model": model,
+        "data": {"tokenizer": str(tmp_path / "bpe"), "sources": [{"name": "digits", "paths": [str(sft)]},
+                                                                 {"name": "prompts", "paths": [str(prompts)]}]},
+        "stages": {"sft": {"kind": "sft", "steps": 80, "seq_len": 64, "micro_batch_size": 16, "lr": 3e-3,
+                           "warmup_steps": 2, "weight_decay": 0.0, "datasets": ["digits"], "system_prompt": "none"},
+                   "grpo": {"kind": "grpo", "steps": 30, "seq_len": 64, "lr": 1e-3, "micro_batch_size": 64,
+                            "init_from": "sft", "schedule": "constant", "weight_decay": 0.0, "datasets": ["prompts"],
+                            "grpo": {"prompts_per_step": 8, "group_size": 8, "max_new_tokens": 10,
+                                     "max_prompt_tokens": 32, "engine": engine, **(grpo or {})}}}}, "toy")
 
 
 @pytest.mark.parametrize("engine", ["ours", "vllm"])
@@ -274,31 +329,9 @@ def test_grpo_raises_reward_on_a_toy_task_fast(tmp_path, engine):
 
     if engine == "vllm" and not vllm_available():
         pytest.skip("vLLM is not installed (optional extra)")
-    from mobilellm_r1.tokenizer import train_bpe
     from mobilellm_r1.train.loop import TrainOptions, train_stage
 
-    tok = train_bpe([f"Pick a digit. \\boxed{{{i % 10}}} The answer is {i}." for i in range(200)],
-                    tmp_path / "bpe", vocab_size=300, name="toy")
-    sft = tmp_path / "digits.jsonl"
-    sft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "Pick a digit."},
-                                                    {"role": "assistant", "content": f"\\boxed{{{i % 10}}}"}]}) + "\n"
-                           for i in range(100)))
-    prompts = tmp_path / "prompts.jsonl"
-    long_prompt = {"messages": [{"role": "user", "content": "Pick a digit. " * 40}], "answer": "7"}
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in (
-        {"messages": [{"role": "user", "content": "Pick a digit."}], "answer": "7"}, long_prompt)))
-    model = {"preset": "micro", "dim": 64, "n_layers": 2, "ffn_dim": 192, "vocab_size": tok.vocab_size,
-             "bos_id": tok.bos_id, "eos_ids": tok.eos_ids, "pad_id": tok.pad_id}
-    rec = recipe_from_dict({
-        "run": {"name": "toy", "seed": 0}, "model": model,
-        "data": {"tokenizer": str(tmp_path / "bpe"), "sources": [{"name": "digits", "paths": [str(sft)]},
-                                                                 {"name": "prompts", "paths": [str(prompts)]}]},
-        "stages": {"sft": {"kind": "sft", "steps": 80, "seq_len": 64, "micro_batch_size": 16, "lr": 3e-3,
-                           "warmup_steps": 2, "weight_decay": 0.0, "datasets": ["digits"], "system_prompt": "none"},
-                   "grpo": {"kind": "grpo", "steps": 30, "seq_len": 64, "lr": 1e-3, "micro_batch_size": 64,
-                            "init_from": "sft", "schedule": "constant", "weight_decay": 0.0, "datasets": ["prompts"],
-                            "grpo": {"prompts_per_step": 8, "group_size": 8, "max_new_tokens": 10,
-                                     "max_prompt_tokens": 32, "engine": engine}}}}, "toy")
+    rec = _toy_grpo_recipe(tmp_path, engine)
     train_stage(rec, "sft", TrainOptions(out=str(tmp_path / "sft"), progress=False))
     res = train_grpo(rec, "grpo", GRPOOptions(out=str(tmp_path / "grpo"), progress=False))
     r = res["reward_mean"]

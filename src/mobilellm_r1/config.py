@@ -170,6 +170,15 @@ class GRPOConfig:
     updates_per_batch: int = 1  # optimizer steps on each batch of rollouts (>1 makes the ratio != 1)
     reward: str = "math"  # math (answer graded by eval.grading.math) | code (tests in the sandbox)
     engine: str = "ours"  # rollouts: ours (continuous batching) | vllm (optional extra; weights pushed each step)
+    # DAPO's dynamic sampling (Yu et al. 2025, section 3.2): a group whose rewards all agree has zero advantage,
+    # so it adds no gradient and only dilutes the step; drop it and draw more prompts (up to
+    # ``max_sample_rounds`` generation rounds) until ``prompts_per_step`` groups with mixed rewards are filled.
+    # On the tiny arith demo ~27% of the SFT model's groups are all-0 or all-1 (8 samples at temperature 1).
+    dynamic_sampling: bool = False
+    max_sample_rounds: int = 3
+    # "sequence": each completion's mean token term, averaged over completions (GRPO); "token": every token
+    # term summed over the step and divided by its token count (DAPO section 3.3).
+    loss_norm: str = "sequence"
 
 
 @dataclass

@@ -16,8 +16,14 @@ completion's tokens and then over completions, minus a KL penalty to a reference
 model. With ``updates_per_batch = 1`` (the default) pi_old is the policy itself, so rho = 1 and the
 gradient is the advantage-weighted policy gradient; more updates per batch make the clip bite.
 
-Each step logs mean reward and mean completion length (the paper's Figure 10 curves), the KL, the
-fraction of clipped tokens, lr and throughput to ``metrics.jsonl``. Single process.
+Two DAPO options (Yu et al. 2025): ``dynamic_sampling`` drops groups whose rewards all agree (zero
+advantage) and draws more prompts to fill the step; ``loss_norm = "token"`` averages over all the step's
+tokens instead of per completion.
+
+Each step logs mean reward (over every rollout drawn) and mean completion length (the paper's Figure 10
+curves), the KL, the fraction of clipped tokens, the sampled tokens' mean negative log-probability (an
+entropy estimate), the share of zero-variance groups, lr, gradient norm and throughput to
+``metrics.jsonl``. Single process.
 """
 
 from __future__ import annotations
@@ -113,13 +119,15 @@ def token_logprobs(model: Transformer, seqs: list[list[int]], starts: list[int],
 
 
 def grpo_loss(logp: list[torch.Tensor], old_logp: list[torch.Tensor], adv: torch.Tensor, clip_eps: float,
-              beta: float = 0.0, ref_logp: list[torch.Tensor] | None = None, n_total: int | None = None
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+              beta: float = 0.0, ref_logp: list[torch.Tensor] | None = None, n_total: int | None = None,
+              n_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO loss (module docstring) summed over these completions, divided by ``n_total``
-    (all completions of the step, so micro-batches add up to the mean)."""
+    (all completions of the step, so micro-batches add up to the mean). With ``n_tokens`` (all completion
+    tokens of the step) the loss is token-level instead (DAPO, Yu et al. 2025, section 3.3): every token's
+    term summed and divided by ``n_tokens``, so a long completion weighs by its length, not 1/G."""
     n_total = n_total or len(logp)
     loss = logp[0].new_zeros(())
-    kl_sum, clipped, tokens = 0.0, 0, 0
+    kl_sum, clipped, tokens, nll = 0.0, 0, 0, 0.0
     for lp, old, a, *ref in zip(logp, old_logp, adv, *([ref_logp] if ref_logp is not None else [])):
         ratio = torch.exp(lp - old)
         surr = torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
@@ -130,11 +138,14 @@ def grpo_loss(logp: list[torch.Tensor], old_logp: list[torch.Tensor], adv: torch
             kl_sum += float(kl.detach().mean())
             if beta:
                 per_tok = per_tok + beta * kl
-        loss = loss + per_tok.mean() / n_total
+        loss = loss + (per_tok.sum() / n_tokens if n_tokens else per_tok.mean() / n_total)
         clipped += int(((ratio - 1).abs() > clip_eps).sum())
         tokens += len(lp)
+        nll -= float(lp.detach().sum())
+    # nll: mean -log pi of the sampled tokens, a free Monte-Carlo estimate of the policy's per-token entropy
+    # (exact in expectation at temperature 1): the sharpening/entropy-collapse signal
     return loss, {"kl": kl_sum / len(logp) if ref_logp is not None else 0.0,
-                  "clip_frac": clipped / max(tokens, 1)}
+                  "clip_frac": clipped / max(tokens, 1), "nll": nll / max(tokens, 1)}
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -209,6 +220,10 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
     cfg = stage.grpo or GRPOConfig()
     if cfg.reward not in REWARDS:
         raise ConfigError(f"[stages.{stage_name}.grpo] reward {cfg.reward!r} is not one of {sorted(REWARDS)}")
+    if cfg.loss_norm not in ("sequence", "token"):
+        raise ConfigError(f"[stages.{stage_name}.grpo] loss_norm {cfg.loss_norm!r} is not one of ['sequence', 'token']")
+    if cfg.max_sample_rounds < 1:
+        raise ConfigError(f"[stages.{stage_name}.grpo] max_sample_rounds must be >= 1")
     if cfg.engine not in ("ours", "vllm"):
         raise ConfigError(f"[stages.{stage_name}.grpo] engine {cfg.engine!r} is not one of ['ours', 'vllm']")
     if cfg.engine == "vllm":
@@ -265,11 +280,11 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
     def order(epoch: int) -> np.ndarray:
         return np.random.default_rng([recipe.run.seed, epoch]).permutation(len(prompts.ids))
 
-    def next_prompts() -> list[int]:
+    def next_prompts(count: int) -> list[int]:
         picked = []
-        while len(picked) < cfg.prompts_per_step:
+        while len(picked) < count:
             perm = order(state["epoch"])
-            take = perm[state["pos"]:state["pos"] + cfg.prompts_per_step - len(picked)]
+            take = perm[state["pos"]:state["pos"] + count - len(picked)]
             picked += take.tolist()
             state["pos"] += len(take)
             if state["pos"] >= len(perm):
@@ -299,29 +314,49 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
     try:
         while step < run_until:
             t0 = time.perf_counter()
-            idx = next_prompts()
-            batch = [prompts.ids[i] for i in idx for _ in range(cfg.group_size)]
-            policy.eval()
-            # one engine request per prompt: its group's G samples share one prefill; slots = the whole
-            # step's rollouts, so a finished sample's slot never waits for work
-            reqs = [Request(prompts.ids[i], cfg.max_new_tokens, n=cfg.group_size) for i in idx]
-            ecfg = EngineConfig(slots=len(batch), temperature=cfg.temperature, top_p=cfg.top_p,
-                                seed=recipe.run.seed * 1_000_003 + step, stop_token_ids=stop_ids,
-                                max_len=max(map(len, batch)) + cfg.max_new_tokens)
-            if vllm is not None:  # the policy's current weights, through vLLM's own loader
-                vllm.load_model_weights(policy)
-                eng = vllm.run(reqs, ecfg)
-            else:
-                eng = run_engine(policy, reqs, ecfg)
-            gen_ids = [c.token_ids for cs in eng.completions for c in cs]
-            gen_reasons = [c.finish_reason for cs in eng.completions for c in cs]
-            policy.train()
-            t_gen = time.perf_counter() - t0
-            comps = [ids if ids else [stop_ids[0]] for ids in gen_ids]
-            texts = [tok.decode(c[:-1] if r == "stop_token" else c) for c, r in zip(comps, gen_reasons)]
-            golds = [prompts.gold[i] for i in idx for _ in range(cfg.group_size)]
-            rewards = torch.tensor([reward_fn(t, g) for t, g in zip(texts, golds)], dtype=torch.float32)
-            adv = group_advantages(rewards.view(len(idx), cfg.group_size)).view(-1)
+            G = cfg.group_size
+            idx, comps, gen_reasons, rewards = [], [], [], []  # the groups this step trains on
+            all_rewards, all_reasons, all_lens, new_tokens, t_gen, rounds = [], [], [], 0, 0.0, 0
+            while True:  # one round unless dynamic_sampling tops up the groups whose rewards all agree
+                t1 = time.perf_counter()
+                r_idx = next_prompts(cfg.prompts_per_step - len(idx))
+                policy.eval()
+                # one engine request per prompt: its group's G samples share one prefill; slots = the whole
+                # round's rollouts, so a finished sample's slot never waits for work
+                reqs = [Request(prompts.ids[i], cfg.max_new_tokens, n=G) for i in r_idx]
+                ecfg = EngineConfig(slots=len(r_idx) * G, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    seed=recipe.run.seed * 1_000_003 + step + 100_003 * rounds,
+                                    stop_token_ids=stop_ids,
+                                    max_len=max(len(prompts.ids[i]) for i in r_idx) + cfg.max_new_tokens)
+                if vllm is not None:  # the policy's current weights, through vLLM's own loader
+                    vllm.load_model_weights(policy)
+                    eng = vllm.run(reqs, ecfg)
+                else:
+                    eng = run_engine(policy, reqs, ecfg)
+                policy.train()
+                t_gen += time.perf_counter() - t1
+                new_tokens += eng.new_tokens
+                rounds += 1
+                for i, cs in zip(r_idx, eng.completions):
+                    c_ids = [c.token_ids if c.token_ids else [stop_ids[0]] for c in cs]
+                    c_why = [c.finish_reason for c in cs]
+                    texts = [tok.decode(c[:-1] if r == "stop_token" else c) for c, r in zip(c_ids, c_why)]
+                    r = [reward_fn(t, prompts.gold[i]) for t in texts]
+                    all_rewards += r
+                    all_reasons += c_why
+                    all_lens += [len(c) for c in c_ids]
+                    if cfg.dynamic_sampling and min(r) == max(r):
+                        continue  # zero advantage for every sample: no gradient, only dilution
+                    idx.append(i)
+                    comps += c_ids
+                    gen_reasons += c_why
+                    rewards += r
+                if (not cfg.dynamic_sampling or len(idx) >= cfg.prompts_per_step
+                        or rounds >= cfg.max_sample_rounds):
+                    break
+            rewards = torch.tensor(rewards, dtype=torch.float32)
+            batch = [prompts.ids[i] for i in idx for _ in range(G)]
+            adv = group_advantages(rewards.view(len(idx), G)).view(-1) if idx else rewards
             seqs = [p + c for p, c in zip(batch, comps)]
             starts = [len(p) for p in batch]
             n = len(seqs)
@@ -338,8 +373,10 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
             lr = lr_at(step, steps_total, stage)
             for g in optim.param_groups:
                 g["lr"] = lr
-            for _ in range(cfg.updates_per_batch):
-                loss_sum, info = 0.0, {"kl": 0.0, "clip_frac": 0.0}
+            n_tok = sum(len(x) - st for x, st in zip(seqs, starts)) if cfg.loss_norm == "token" else None
+            loss_sum, gnorm, info = 0.0, 0.0, {"kl": 0.0, "clip_frac": 0.0, "nll": 0.0}
+            for _ in range(cfg.updates_per_batch if n else 0):  # no group with mixed rewards: no update
+                loss_sum, info = 0.0, {"kl": 0.0, "clip_frac": 0.0, "nll": 0.0}
                 for i in range(0, n, micro):
                     sl = slice(i, i + micro)
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
@@ -347,7 +384,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
                     lp = [x.float() for x in lp]
                     o = old[sl] if old is not None else [x.detach() for x in lp]
                     loss, inf = grpo_loss(lp, o, adv[sl].to(dev), cfg.clip_eps, cfg.kl_beta,
-                                          refs[sl] if refs is not None else None, n_total=n)
+                                          refs[sl] if refs is not None else None, n_total=n, n_tokens=n_tok)
                     loss.backward()
                     loss_sum += float(loss.detach())
                     w = len(lp) / n
@@ -362,20 +399,27 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
                 optim.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            mean_r = float(rewards.mean())
-            mean_len = float(np.mean([len(c) for c in comps]))
+            # reward, length and truncation over every rollout drawn this step (dynamic sampling's dropped
+            # groups included): the policy's own reward, not the kept groups' (biased towards mixed ones)
+            all_r = torch.tensor(all_rewards)
+            mean_r = float(all_r.mean())
+            mean_len = float(np.mean(all_lens))
             rewards_hist.append(mean_r)
             lengths_hist.append(mean_len)
-            trunc_hist.append(sum(r == "length" for r in gen_reasons) / n)
-            rec = {"step": step, "reward_mean": mean_r, "reward_std": float(rewards.std(unbiased=False)),
+            trunc_hist.append(sum(r == "length" for r in all_reasons) / len(all_reasons))
+            rec = {"step": step, "reward_mean": mean_r, "reward_std": float(all_r.std(unbiased=False)),
                    "completion_len_mean": mean_len, "loss": loss_sum, "kl": info["kl"],
-                   "clip_frac": info["clip_frac"], "lr": lr, "grad_norm": gnorm,
-                   "samples_per_s": n / dt, "gen_tokens_per_s": eng.new_tokens / t_gen if t_gen > 0 else None,
+                   "clip_frac": info["clip_frac"], "token_nll": info["nll"],
+                   "zero_var_groups": float((all_r.view(-1, G).std(1, unbiased=False) == 0).float().mean()),
+                   "groups_trained": len(idx), "sample_rounds": rounds,
+                   "lr": lr, "grad_norm": gnorm,
+                   "samples_per_s": len(all_rewards) / dt,
+                   "gen_tokens_per_s": new_tokens / t_gen if t_gen > 0 else None,
                    "truncated": trunc_hist[-1]}
             log.log(rec)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(reward=f"{mean_r:.3f}", len=f"{mean_len:.0f}", samples_s=f"{n / dt:.1f}")
+                bar.set_postfix(reward=f"{mean_r:.3f}", len=f"{mean_len:.0f}", samples_s=f"{len(all_rewards) / dt:.1f}")
             if (stage.save_every and step % stage.save_every == 0) or step == run_until or watch.signame:
                 save(step)
             if watch.signame and step < run_until:
