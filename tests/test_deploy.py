@@ -408,3 +408,21 @@ def test_chat_on_a_pte_streams_the_fake_quant_greedy_reply(quantized_pte, tmp_pa
     with pytest.raises(UserError, match="--tokenizer"):
         ChatSession(str(local), ChatOptions())
     assert ChatSession(str(local), ChatOptions(tokenizer="smollm2:32768")).tok.vocab_size == 32768
+
+
+def test_pte_profile_benchmark_splits_decode_time_by_op_family(quantized_pte):
+    """benchmarks/pte_profile.py: ETDump of the decode steps, per op family (the account of issue 19)."""
+    from pathlib import Path
+
+    pte = quantized_pte[0]
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "benchmarks" / "pte_profile.py"), str(pte), "--context", "40",
+                        "--new-tokens", "8", "--json"], capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "PYTHONPATH": str(repo / "src"), "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    fams = out["families"]
+    assert {"attention", "linear_8da4w"} <= set(fams) and out["decode_tok_s"] > 0
+    # the families are the ops inside Method::execute: together no more than it, and most of it
+    assert 0.5 * out["ms_per_token"] < sum(f["ms_per_token"] for f in fams.values()) <= 1.001 * out["ms_per_token"]
+    assert fams["linear_8da4w"]["achieved_GBps"] > 0 and 0 < fams["attention"]["share"] < 1
