@@ -3,7 +3,7 @@
 Loads an exported `.pte` with the event tracer on, prefills a random prompt of ``--context - --new-tokens``
 tokens in the file's chunks, decodes ``--new-tokens`` greedy tokens, and splits the decode steps' time
 (``Method::execute``) into op families: attention (``llama::custom_sdpa``, a portable op outside XNNPACK),
-the 8da4w linears (XNNPACK's QDU8/QB4W GEMMs; the largest is the LM head), fp32 GEMMs, the KV-cache update,
+the 8da4w linears (XNNPACK's QDU8/QB4W GEMMs, the LM head among them), fp32 GEMMs, the KV-cache update,
 the 4-bit embedding and the rest. Prints ms per token and each family's share, and the bytes each family
 must read per token over its time (achieved bandwidth), beside a streaming-read bandwidth measured in this
 process.
