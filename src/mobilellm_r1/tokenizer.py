@@ -46,6 +46,14 @@ LLAMA3_NAMED_SPECIALS = {
 }
 
 
+def implied_tokenizer(vocab_size: int, bos_id: int | None = None) -> str:
+    """``"llama3"`` when a model without a named tokenizer has the Llama-3 vocabulary (MobileLLM-R1's 128,256
+    ids; with ``bos_id``, also its bos 128000), else ``""``."""
+    if vocab_size != LLAMA3_NUM_BASE + LLAMA3_NUM_SPECIAL or bos_id not in (None, LLAMA3_NUM_BASE):
+        return ""
+    return "llama3"
+
+
 def llama3_special_tokens() -> dict[str, int]:
     out, reserved = {}, 0
     for i in range(LLAMA3_NUM_BASE, LLAMA3_NUM_BASE + LLAMA3_NUM_SPECIAL):

@@ -124,13 +124,11 @@ def _bench_gguf(ckpt: str, out: Path) -> Path | None:
     """The q4_0 GGUF of ``ckpt`` for the llama.cpp row, or None (with the reason on stderr) when the model
     cannot be written as one. A checkpoint without a tokenizer at the paper's vocabulary embeds Llama-3's."""
     from ..model.io import resolve_tokenizer_spec
-    from ..tokenizer import LLAMA3_NUM_BASE, LLAMA3_NUM_SPECIAL
+    from ..tokenizer import implied_tokenizer
     from .export import export_gguf
 
     model, meta = _load(ckpt)
-    spec = resolve_tokenizer_spec(ckpt, meta.get("tokenizer") or "")
-    if not spec and model.cfg.vocab_size == LLAMA3_NUM_BASE + LLAMA3_NUM_SPECIAL:
-        spec = "llama3"
+    spec = resolve_tokenizer_spec(ckpt, meta.get("tokenizer") or "") or implied_tokenizer(model.cfg.vocab_size)
     print(f"exporting {ckpt} to GGUF q4_0 for llama.cpp...", file=sys.stderr)
     try:
         export_gguf(model, out, spec, dtype="q4_0")

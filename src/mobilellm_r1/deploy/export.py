@@ -318,8 +318,11 @@ def pte_tokenizer(pte: str | Path) -> str:
             spec = ""
         if spec:
             return resolve_tokenizer_spec(src, spec)
-    if (meta.get("model") or {}).get("vocab_size") == 128256:
-        return "llama3"
+    from ..tokenizer import implied_tokenizer
+
+    spec = implied_tokenizer((meta.get("model") or {}).get("vocab_size", 0))
+    if spec:
+        return spec
     raise ValueError(f"{pte}: cannot tell its tokenizer (its source checkpoint {src or '(none)'} names none); "
                      "pass --tokenizer")
 
@@ -453,7 +456,7 @@ def _llama3_tokenizer_fields() -> tuple:
     from gguf import GGUFValueType
 
     from ..assets import llama3_tokenizer_model
-    from ..tokenizer import _byte_decoder, _read_tiktoken_ranks, llama3_special_tokens
+    from ..tokenizer import LLAMA3_NUM_BASE, _byte_decoder, _read_tiktoken_ranks, llama3_special_tokens
 
     ranks = _read_tiktoken_ranks(llama3_tokenizer_model())
     enc = {b: c for c, b in _byte_decoder().items()}
@@ -464,7 +467,8 @@ def _llama3_tokenizer_fields() -> tuple:
     by_rank = sorted(ranks, key=ranks.__getitem__)
     if [ranks[t] for t in by_rank] != list(range(len(ranks))):
         raise ValueError("llama3 tokenizer: the ranks are not 0..n-1")
-    specials = sorted(llama3_special_tokens().items(), key=lambda kv: kv[1])
+    named = llama3_special_tokens()
+    specials = sorted(named.items(), key=lambda kv: kv[1])
     tokens = [text(t) for t in by_rank] + [name for name, _ in specials]
     types = [1] * len(by_rank) + [3] * len(specials)  # llama.cpp token types: 1 normal, 3 control
     merges = [f"{text(a)} {text(b)}" for a, b in bpe_merges(ranks)]
@@ -474,9 +478,9 @@ def _llama3_tokenizer_fields() -> tuple:
             ("tokenizer.ggml.tokens", tokens, A, S),
             ("tokenizer.ggml.token_type", types, A, I32),
             ("tokenizer.ggml.merges", merges, A, S),
-            ("tokenizer.ggml.bos_token_id", 128000, U32, None),
-            ("tokenizer.ggml.eos_token_id", 128009, U32, None),  # <|eot_id|>: where a chat turn ends
-            ("tokenizer.ggml.padding_token_id", 127999, U32, None),
+            ("tokenizer.ggml.bos_token_id", named["<|begin_of_text|>"], U32, None),
+            ("tokenizer.ggml.eos_token_id", named["<|eot_id|>"], U32, None),  # where a chat turn ends
+            ("tokenizer.ggml.padding_token_id", LLAMA3_NUM_BASE - 1, U32, None),  # as llama3_tokenizer()
             ("tokenizer.ggml.add_bos_token", True, GGUFValueType.BOOL, None))
 
 
@@ -494,8 +498,8 @@ def _gguf_tokenizer_fields(spec: str):
     base = cut[0] if cut else spec
     path = smollm2_gguf() if base == "smollm2" else Path(base)
     if not (path.is_file() and path.suffix == ".gguf"):
-        raise ValueError(f"GGUF export needs a GGUF tokenizer to embed ('llama3', 'smollm2', a .gguf file, or one of them "
-                         f"cut to its first ids); the model's tokenizer is {spec!r}")
+        raise ValueError(f"GGUF export needs a GGUF tokenizer to embed ('llama3', 'smollm2', a .gguf file, or one "
+                         f"of them cut to its first ids); the model's tokenizer is {spec!r}")
     fields = {name: f for name, f in GGUFReader(path).fields.items() if name.startswith("tokenizer.")}
     tokens = fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in fields else []
     index = {t: i for i, t in enumerate(tokens)}

@@ -71,13 +71,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     import torch
 
     from ..cli import print_json
+    from ..tokenizer import implied_tokenizer
     from .io import save_model
     from .transformer import Transformer
 
     cfg = _preset_config(args)
     torch.manual_seed(args.seed)
     model = Transformer(cfg)
-    spec = args.tokenizer if args.tokenizer is not None else ("llama3" if cfg.vocab_size == 128256 else "")
+    spec = args.tokenizer if args.tokenizer is not None else implied_tokenizer(cfg.vocab_size)
     save_model(args.out, model, tokenizer_spec=spec)
     res = {"out": str(args.out), "preset": cfg.preset, "params": model.param_count(), "seed": args.seed,
            "tokenizer": spec}

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..tokenizer import implied_tokenizer
 from .io import CONFIG, FORMAT, CheckpointError, check_tensors
 from .transformer import Transformer
 
@@ -321,10 +322,8 @@ def load_any(spec: str | Path, device: str | torch.device = "cpu",
         cfg = model.cfg
         if (p / "tokenizer.json").is_file():
             tok = str(p.resolve())
-        elif cfg.vocab_size == 128256 and cfg.bos_id == 128000:
-            tok = "llama3"
         else:
-            tok = ""
+            tok = implied_tokenizer(cfg.vocab_size, cfg.bos_id)
         return model, {"tokenizer": tok, "source": str(p), "arch": "llama4_text", "format": "hf", "config": cfg}
     from .foreign import is_hf_causal_lm, load_foreign
 

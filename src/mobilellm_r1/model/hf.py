@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..config import MODEL_PRESETS, ModelConfig
+from ..tokenizer import implied_tokenizer
 from .io import (CheckpointError, atomic_dir, check_tensors, expected_shapes, load_model, model_from_tensors,
                  model_tensors, read_config_json, read_meta, resolve_tokenizer_spec, save_model, write_json)
 from .transformer import Transformer
@@ -409,7 +410,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, tokenizer_spec: str | Non
     spec = tokenizer_spec
     tok_files = [hf_dir / f for f in _TOKENIZER_FILES if (hf_dir / f).is_file()]
     if spec is None:
-        if model.cfg.vocab_size == 128256 and model.cfg.bos_id == 128000:
+        if implied_tokenizer(model.cfg.vocab_size, model.cfg.bos_id):
             spec, tok_files = "llama3", []
         elif (hf_dir / "tokenizer.json").is_file():
             spec = "tokenizer"
