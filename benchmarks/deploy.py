@@ -49,7 +49,7 @@ def main() -> None:
 
     from mobilellm_r1.config import model_preset
     from mobilellm_r1.deploy import DeployConfig
-    from mobilellm_r1.deploy.bench import LLAMACPP, bench, llamacpp_available
+    from mobilellm_r1.deploy.bench import LLAMACPP, bench, wants_gguf
     from mobilellm_r1.deploy.cli import _bench_gguf
     from mobilellm_r1.deploy.export import export_executorch
     from mobilellm_r1.model import Transformer
@@ -72,7 +72,7 @@ def main() -> None:
         exp = export_executorch(model, os.path.join(d, "model-8da4w.pte"), max(contexts), source=os.path.join(d, "ckpt"))
         export_s = time.perf_counter() - t
         gguf = (_bench_gguf(os.path.join(d, "ckpt"), os.path.join(d, "model-q4_0.gguf"))
-                if llamacpp_available() or args.llama_bench else None)
+                if wants_gguf(cfg.runtimes) else None)
         res = bench(os.path.join(d, "ckpt"), os.path.join(d, "model-8da4w.pte"), cfg, gguf=gguf)
     rows = {rt: r["rows"][0] for rt, r in res["runtimes"].items()}
     q = rows["executorch_8da4w"]

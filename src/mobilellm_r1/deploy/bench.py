@@ -18,11 +18,11 @@ for the ``.pte``, in llama.cpp's batches of ``LLAMACPP_BATCH`` (its default) for
 synthetic fill: it always prefills.
 
 Runtimes run in worker processes (``python -m mobilellm_r1.deploy.bench --worker``), one for the two
-torch runtimes and one for ExecuTorch (their thread pools interfere in one process), each importing its
-libraries once for all its contexts. Memory is what a run needs: a runtime is loaded after the imports
-(RSS then is its ``baseline_rss_mb``), and each (runtime, context) cell reports the peak RSS of the load
-or of its own context run (``VmHWM``, reset per cell) over that baseline as ``mem_mb``, the absolute peak
-as ``peak_rss_mb``. A context whose predicted memory exceeds the limit, or that fails to allocate, is
+torch runtimes, one for ExecuTorch and one for llama.cpp's bindings (their thread pools interfere in one
+process), each importing its libraries once for all its contexts; ``llama-bench`` is a process of its own.
+Memory is what a run needs: a runtime is loaded after the imports (RSS then is its ``baseline_rss_mb``),
+and each (runtime, context) cell reports the peak RSS of the load or of its own context run (``VmHWM``,
+reset per cell) over that baseline as ``mem_mb``, the absolute peak as ``peak_rss_mb``. A context whose predicted memory exceeds the limit, or that fails to allocate, is
 reported ``"OOM"``.
 
 Roofline: decoding one token reads every weight once (the head included; of the embedding only one row)
@@ -254,6 +254,12 @@ def llamacpp_available() -> bool:
     return importlib.util.find_spec("cyllama") is not None
 
 
+def wants_gguf(runtimes: list[str]) -> bool:
+    """Whether a benchmark of ``runtimes`` needs a GGUF export: the native llama.cpp row always (its binary
+    is outside Python), the bindings' row when the bindings are installed (else it is a "skipped" line)."""
+    return LLAMACPP_NATIVE in runtimes or (LLAMACPP in runtimes and llamacpp_available())
+
+
 def gguf_config(path: str | Path) -> ModelConfig:
     """The model configuration a GGUF's metadata describes (no tensor is read). Slow for a large vocabulary:
     gguf's reader parses every token and merge string (~20 s at Llama-3's 128k ids), so the benchmark passes
@@ -373,11 +379,11 @@ def worker(spec: dict[str, Any]) -> None:
     import torch
 
     kind = spec["runtimes"][0]["runtime"]
-    pte, native = kind == "executorch_8da4w", kind in ("executorch_8da4w", LLAMACPP)
+    pte, own_pool = kind == "executorch_8da4w", kind in ("executorch_8da4w", LLAMACPP)
     # ExecuTorch's (and llama.cpp's) own thread pool does the work in its worker; torch only takes an argmax
     # there, and torch's OpenMP threads spinning after it took the cores from XNNPACK (2 threads: 5.6 -> 3.9 ms
     # for the head)
-    torch.set_num_threads(1 if native else spec["threads"])
+    torch.set_num_threads(1 if own_pool else spec["threads"])
     if pte:
         from .export import load_runtime
 

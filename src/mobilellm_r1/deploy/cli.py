@@ -143,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
     from ..cli import UserError, print_json
-    from .bench import LLAMACPP, LLAMACPP_NATIVE, bench, llamacpp_available
+    from .bench import bench, wants_gguf
     from .export import export_executorch, sidecar
 
     _quiet()
@@ -180,7 +180,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 model, _ = _load(str(target))
                 export_executorch(model, pte, max(contexts), group_size=cfg.group_size, source=str(target))
         gguf = args.gguf
-        if gguf is None and {LLAMACPP, LLAMACPP_NATIVE} & set(cfg.runtimes) and model_dir is not None and llamacpp_available():
+        if gguf is None and model_dir is not None and wants_gguf(cfg.runtimes):
             gguf = _bench_gguf(str(model_dir), Path(tmp) / "model-q4_0.gguf")
         try:
             res = bench(model_dir, pte, cfg, contexts, gguf=gguf)

@@ -41,11 +41,10 @@ class StreamDecoder:
 
 class ChatSession:
     def __init__(self, model_spec: str, opts: ChatOptions):
+        from ..cli import UserError
         from ..tokenizer import load_tokenizer
         from ..train.distributed import pick_device
         from ..train.loop import load_model_spec
-
-        from ..cli import UserError
 
         self.opts = opts
         self.pte = None
@@ -103,7 +102,6 @@ class ChatSession:
         return {"reply": text, "new_tokens": len(ids), "finish_reason": reply.finish_reason,
                 "prompt_tokens": len(prompt), **res.timing_s, "total_s": res.seconds,
                 "tokens_per_s": res.tokens_per_s}
-
 
     def _reply_pte(self, prompt: list[int], budget: int, on_token) -> dict[str, Any]:
         import time
