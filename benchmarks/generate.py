@@ -96,20 +96,16 @@ def engine_vs_static(args) -> dict:
         new = sum(map(len, rows))
         return rows, new / (time.perf_counter() - t0), prefills
 
-    c_steps = 0
-
     def continuous():
-        nonlocal c_steps
         res = run(model, reqs, ecfg)
-        c_steps = res.decode_steps
         rows = [c.token_ids for cs in res.completions for c in cs]
-        return rows, res.tokens_per_s, res.prefills
+        return rows, res.tokens_per_s, res.prefills, res.decode_steps
 
     continuous(), static()  # warm-up
     ratios, s_tps, c_tps = [], [], []
     for _ in range(args.repeats):
         s_rows, s, s_pre = static()
-        c_rows, c, c_pre = continuous()
+        c_rows, c, c_pre, c_steps = continuous()
         ratios.append(c / s)
         s_tps.append(s)
         c_tps.append(c)
