@@ -315,7 +315,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
         while step < run_until:
             t0 = time.perf_counter()
             G = cfg.group_size
-            idx, comps, gen_reasons, rewards = [], [], [], []  # the groups this step trains on
+            idx, comps, rewards = [], [], []  # the groups this step trains on
             all_rewards, all_reasons, all_lens, new_tokens, t_gen, rounds = [], [], [], 0, 0.0, 0
             while True:  # one round unless dynamic_sampling tops up the groups whose rewards all agree
                 t1 = time.perf_counter()
@@ -349,7 +349,6 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
                         continue  # zero advantage for every sample: no gradient, only dilution
                     idx.append(i)
                     comps += c_ids
-                    gen_reasons += c_why
                     rewards += r
                 if (not cfg.dynamic_sampling or len(idx) >= cfg.prompts_per_step
                         or rounds >= cfg.max_sample_rounds):
