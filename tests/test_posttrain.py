@@ -266,6 +266,45 @@ def test_group_advantages_and_clipped_loss():
     assert loss.item() == pytest.approx(0.0)  # sequence-level: -1/2 + 1/2
 
 
+def test_grpo_stratify_needs_the_field(tmp_path):
+    from mobilellm_r1.config import ConfigError
+    from mobilellm_r1.posttrain.grpo import load_prompts
+    from mobilellm_r1.tokenizer import load_tokenizer
+
+    rec = _toy_grpo_recipe(tmp_path, "ours", grpo={"stratify": "level"})
+    tok = load_tokenizer(rec.data.tokenizer)
+    with pytest.raises(ConfigError, match="no field 'level'.*stratify"):
+        load_prompts(rec, "grpo", tok, rec.stage("grpo").grpo, tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Pick {i}."}], "answer": "7",
+                                           "level": 1 + i % 2}) + "\n" for i in range(5)))
+    ps = load_prompts(rec, "grpo", tok, rec.stage("grpo").grpo, tmp_path)
+    assert ps.strata == ["1", "2", "1", "2", "1"] and ps.stats["strata"] == {"1": 3, "2": 2}
+
+
+def test_grpo_stratified_prompt_order():
+    """``stratify``: every window of a step's size holds each stratum in proportion (give or take one), the
+    order is still a permutation, and it differs per epoch; without strata it is the plain permutation."""
+    from collections import Counter
+
+    from mobilellm_r1.posttrain.grpo import prompt_order
+
+    strata = ["1"] * 500 + ["2"] * 300 + ["3"] * 200
+    for epoch in range(3):
+        order = prompt_order(len(strata), np.random.default_rng([0, epoch]), strata)
+        assert sorted(order.tolist()) == list(range(1000))
+        for w in (8, 10, 64):
+            for k in range(0, 1000 - w, w):
+                c = Counter(strata[i] for i in order[k:k + w])
+                assert all(abs(c[s] - w * n / 1000) <= 1 for s, n in (("1", 500), ("2", 300), ("3", 200))), (w, k, c)
+    a, b = (prompt_order(1000, np.random.default_rng([0, e]), strata) for e in (0, 1))
+    assert (a != b).any()
+    assert prompt_order(7, np.random.default_rng(3)).tolist() == np.random.default_rng(3).permutation(7).tolist()
+    # a random draw of 8 would miss stratum "3" entirely in ~17% of steps
+    plain = np.random.default_rng(1).permutation(1000)
+    assert sum(Counter(strata[i] for i in plain[k:k + 8])["3"] == 0 for k in range(0, 992, 8)) > 10
+
+
 def test_grpo_dynamic_sampling_drops_agreeing_groups(tmp_path):
     """DAPO dynamic sampling on the toy task (token-level loss on): at a reward of ~0.1 many groups of 8 are
     all 0, near the end many are all 1; those are dropped and more prompts drawn (up to 3 rounds), so some

@@ -179,6 +179,10 @@ class GRPOConfig:
     # "sequence": each completion's mean token term, averaged over completions (GRPO); "token": every token
     # term summed over the step and divided by its token count (DAPO section 3.3).
     loss_norm: str = "sequence"
+    # A prompt row field (e.g. "level") whose values every step draws in proportion to their share of the
+    # prompts (stratified sampling). Each step's mean reward then varies with the policy, not with how many
+    # hard prompts the step happened to draw: on the tiny arith demo the levels' pass rates differ ~5x.
+    stratify: str = ""
 
 
 @dataclass

@@ -156,6 +156,25 @@ class PromptSet:
     ids: list[list[int]]
     gold: list[str]
     stats: dict[str, Any]
+    strata: list[str] | None = None  # each prompt's value of GRPOConfig.stratify
+
+
+def prompt_order(n: int, rng: np.random.Generator, strata: list[str] | None = None) -> np.ndarray:
+    """One epoch's prompt order: a permutation, or with ``strata`` a stratified one in which every window
+    holds each stratum in proportion to its size. Stratum k's prompts (shuffled) sit at (j + u_k) / n_k,
+    j = 0..n_k-1, with one random offset u_k per stratum (systematic sampling), and the order is by
+    position, so any window of w prompts has w * n_k / n of stratum k, give or take one."""
+    if not strata:
+        return rng.permutation(n)
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(strata):
+        groups.setdefault(k, []).append(i)
+    keys, idx = [], []
+    for k in sorted(groups):
+        members = rng.permutation(groups[k])
+        keys += ((np.arange(len(members)) + rng.random()) / len(members)).tolist()
+        idx += members.tolist()
+    return np.asarray(idx)[np.argsort(keys, kind="stable")]
 
 
 def load_prompts(recipe: Recipe, stage_name: str, tok, cfg: GRPOConfig, run_dir: Path) -> PromptSet:
@@ -167,7 +186,7 @@ def load_prompts(recipe: Recipe, stage_name: str, tok, cfg: GRPOConfig, run_dir:
     stage = recipe.stage(stage_name)
     if not stage.datasets:
         raise ConfigError(f"[stages.{stage_name}] needs `datasets` (prompt sets with gold answers or tests)")
-    ids, gold = [], []
+    ids, gold, strata = [], [], []
     stats = {"rows": 0, "prompts": 0, "too_long": 0}
     for name in stage.datasets:
         n = 0
@@ -180,6 +199,9 @@ def load_prompts(recipe: Recipe, stage_name: str, tok, cfg: GRPOConfig, run_dir:
                         answer = json.dumps(test_cases(row))
                 except (SFTFormatError, KeyError, TypeError, ValueError) as e:
                     raise ConfigError(f"{where}: not a GRPO prompt ({e})") from None
+                if cfg.stratify and not (isinstance(row, dict) and cfg.stratify in row):
+                    raise ConfigError(f"{where}: no field {cfg.stratify!r} to stratify the GRPO prompts by "
+                                      f"([stages.{stage_name}.grpo] stratify)")
                 if stage.system_prompt not in ("auto", "none") and not any(m["role"] == "system" for m in msgs):
                     msgs = [{"role": "system", "content": stage.system_prompt}] + msgs
                 p = tok.apply_chat_template(msgs, add_generation_prompt=True)
@@ -188,6 +210,8 @@ def load_prompts(recipe: Recipe, stage_name: str, tok, cfg: GRPOConfig, run_dir:
                     continue
                 ids.append(p)
                 gold.append(answer)
+                if cfg.stratify:
+                    strata.append(str(row[cfg.stratify]))
                 n += 1
                 if stage.max_samples and n >= stage.max_samples:
                     break
@@ -196,7 +220,9 @@ def load_prompts(recipe: Recipe, stage_name: str, tok, cfg: GRPOConfig, run_dir:
     if not ids:
         raise ConfigError(f"no usable GRPO prompt in {', '.join(stage.datasets)} ({stats['too_long']} too long)")
     stats["prompts"] = len(ids)
-    return PromptSet(ids, gold, stats)
+    if cfg.stratify:
+        stats["strata"] = {k: strata.count(k) for k in sorted(set(strata))}
+    return PromptSet(ids, gold, stats, strata or None)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -278,7 +304,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
     log = MetricsLog(out, True, resume_step=step if opts.resume else None)
 
     def order(epoch: int) -> np.ndarray:
-        return np.random.default_rng([recipe.run.seed, epoch]).permutation(len(prompts.ids))
+        return prompt_order(len(prompts.ids), np.random.default_rng([recipe.run.seed, epoch]), prompts.strata)
 
     def next_prompts(count: int) -> list[int]:
         picked = []
