@@ -137,6 +137,28 @@ def test_bad_input_is_skipped_and_counted_or_named(tmp_path):
         build_sft_batches(bad, bad.stage("s"), "smollm2", tmp_path)
 
 
+def test_plain_text_rows_train_on_every_token(tmp_path):
+    """A row with only ``text`` (pre-training text mixed into SFT) is bos + text + eos without the chat
+    template, every token after bos trained; an empty one is skipped and counted; conversations beside
+    it keep their assistant-only mask."""
+    from mobilellm_r1.posttrain.sft_data import build_sft_batches, is_text_row
+
+    tok = load_tokenizer("smollm2")
+    rows = [_qa(1), {"id": "drill/0", "text": "3 + 4 = 7\n9 - 2 = 7"}, {"text": "  "}]
+    rec = _recipe(tmp_path, rows, {"packing": False})
+    batches, stats = build_sft_batches(rec, rec.stage("s"), "smollm2", tmp_path)
+    d = stats.as_dict()
+    assert (d["conversations"], d["no_assistant"]) == (2, 1)
+    rows_ = batches.rows
+    want = tok.encode("3 + 4 = 7\n9 - 2 = 7", bos=True, eos=True)
+    r = next(i for i in range(len(rows_.tokens)) if rows_.tokens[i][: len(want)].tolist() == want)
+    assert rows_.mask[r][: len(want)].tolist() == [False] + [True] * (len(want) - 1)
+    assert not rows_.mask[r][len(want):].any()
+    q = 1 - r  # the conversation: its prompt is not trained
+    assert 0 < rows_.mask[q].sum() < rows_.lengths[q] - 1
+    assert not is_text_row({"text": "x", "prompt": "y"}) and is_text_row({"text": "x", "id": 3})
+
+
 def test_packed_training_equals_unpacked(tmp_path):
     """Same model, same conversations, fp32: the loss (and the step it takes) match to 1e-5."""
     from mobilellm_r1.config import model_preset

@@ -5,6 +5,10 @@ marks the assistant tokens; the loss is taken on those only (targets are ``IGNOR
 A conversation with no assistant turn, or longer than a row, is skipped and counted, never truncated
 (a cut-off reasoning trace would teach the model to stop mid-thought).
 
+A row that is a plain document (only a ``text`` field, as pre-training sources are) is trained on every
+token, without the chat template: pre-training text mixed into SFT, e.g. the arith drill's equations,
+which supervise ~30 results in the tokens a worked problem spends on one to three.
+
 Packing (``packing = true``, the default): conversations, in a seeded shuffled order, are laid end to end
 into rows of ``seq_len + 1`` tokens, each into the first of the last 64 rows with room for it (else a
 new row); what is left of a row is padding (its own document id, no loss). Every token carries its
@@ -99,9 +103,20 @@ def iter_rows(path: str) -> Iterator[tuple[str, Any]]:
             yield f"{f}:{n}", row
 
 
+_CONVERSATION_FIELDS = {"messages", "prompt", "problem", "input", "output", "question", "answer", "solution",
+                        "generated_solution", "completion", "response"}
+
+
+def is_text_row(row: Any) -> bool:
+    """A plain document: a ``text`` string and no field of a conversation format (a row with both is
+    ambiguous and left to :func:`row_messages` to reject)."""
+    return isinstance(row, dict) and isinstance(row.get("text"), str) and not (_CONVERSATION_FIELDS & set(row))
+
+
 def load_conversations(recipe: Recipe, stage: StageConfig, run_dir: Path,
-                       stats: SFTStats) -> list[tuple[str, list[dict]]]:
-    """``(where, messages)`` of every row of the stage's datasets (at most ``max_samples`` per dataset)."""
+                       stats: SFTStats) -> list[tuple[str, list[dict] | str]]:
+    """``(where, messages)`` of every row of the stage's datasets (at most ``max_samples`` per dataset);
+    a plain document's ``text`` stands in for the messages."""
     if not stage.datasets and not stage.optional_datasets:
         raise ConfigError("an SFT stage needs `datasets` (names of [[data.sources]])")
     out = []
@@ -118,7 +133,7 @@ def load_conversations(recipe: Recipe, stage: StageConfig, run_dir: Path,
             for where, row in iter_rows(path):
                 stats.rows_read += 1
                 try:
-                    out.append((where, row_messages(row, where, stage.system_prompt)))
+                    out.append((where, row["text"] if is_text_row(row) else row_messages(row, where, stage.system_prompt)))
                 except SFTFormatError as e:
                     raise ConfigError(str(e)) from None
                 n += 1
@@ -133,15 +148,23 @@ def load_conversations(recipe: Recipe, stage: StageConfig, run_dir: Path,
 # -------------------------------------------------------------------------------------------- tokens
 
 
-def tokenize_conversations(convs: list[tuple[str, list[dict]]], tok, max_tokens: int,
+def tokenize_conversations(convs: list[tuple[str, list[dict] | str]], tok, max_tokens: int,
                            stats: SFTStats) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(ids, assistant mask)`` per usable conversation; the others are skipped and counted."""
+    """``(ids, assistant mask)`` per usable conversation (a plain document: bos + text + eos, every token
+    after bos trained); the others are skipped and counted."""
     docs = []
     for where, msgs in convs:
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        if isinstance(msgs, str):
+            if not msgs.strip():
+                stats.skip("no_assistant", where)
+                continue
+            ids = tok.encode(msgs, bos=True, eos=True)
+            mask = [False] + [True] * (len(ids) - 1)
+        elif not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
             stats.skip("no_assistant", where)
             continue
-        ids, mask = tok.render_chat(msgs)
+        else:
+            ids, mask = tok.render_chat(msgs)
         if len(ids) > max_tokens:
             stats.skip("too_long", where)
             continue
