@@ -261,12 +261,14 @@ def fact_table(cfg: ArithConfig = ArithConfig()) -> list[tuple[str, int, int, in
     return facts
 
 
-def iter_drill_docs(cfg: ArithConfig = ArithConfig(), docs: int = 2000, per_doc: int = 32) -> Iterator[dict]:
-    """Pre-training text: single equations of the task's own fact table (:func:`fact_table`), ``per_doc``
-    a document: an operation uniformly (as problems draw them), then one of its facts (seeded). Why: a worked problem supervises one to three results in ~100
-    tokens, so a small model copies the operands into its equations long before it can add them (measured:
-    after 3000 SFT updates, 139 of 256 first steps had the right operands and a wrong result). A line here
-    is ~8 tokens, all arithmetic. Facts carry no problem text, names or chains: no test problem leaks."""
+def iter_drill_docs(cfg: ArithConfig = ArithConfig(), docs: int = 2000, per_doc: int = 16) -> Iterator[dict]:
+    """Pre-training (and SFT) text: single equations of the task's own fact table (:func:`fact_table`),
+    ``per_doc`` a document: an operation uniformly (as problems draw them), then one of its facts (seeded).
+    Why: a worked problem supervises one to three results in ~100 tokens, so a small model copies the
+    operands into its equations long before it can add them (measured: after 3000 SFT updates, 139 of 256
+    first steps had the right operands and a wrong result). A line here is ~10 tokens, all arithmetic; 16
+    lines (~160 tokens) fit one 256-token SFT row. Facts carry no problem text, names or chains: no test
+    problem leaks."""
     by_op: dict[str, list[tuple[str, int, int, int]]] = {}
     for f in fact_table(cfg):
         by_op.setdefault(f[0], []).append(f)

@@ -803,7 +803,7 @@ SOURCES: dict[str, SourceSpec] = {s.name: s for s in [
     SourceSpec("reasoning", "reasoning", build_reasoning, 2 * MB, description="CHAMP problems as SFT pairs with \\boxed{} answers"),
     # The arith task family (data/arith.py): disjoint seeded splits of multi-step word problems.
     SourceSpec("arith", "math", build_arith, 8 * MB, description="arith word problems with worked solutions, 8 a document"),
-    SourceSpec("arith_drill", "math", build_arith_drill, 4 * MB, description="the arith task's one-step equations, 32 a document"),
+    SourceSpec("arith_drill", "math", build_arith_drill, 4 * MB, description="the arith task's one-step equations, 16 a document"),
     SourceSpec("arith_sft", "reasoning", build_arith_sft, 8 * MB, description="arith problems as SFT pairs (\\boxed{} answers)"),
     SourceSpec("arith_grpo", "reasoning", build_arith_grpo, 2 * MB, description="arith problems as GRPO prompts with answers"),
     SourceSpec("arith_test", "eval", build_arith_test, 1 * MB, description="arith held-out test problems (never trained on)"),
