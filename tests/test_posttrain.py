@@ -141,7 +141,8 @@ def test_plain_text_rows_train_on_every_token(tmp_path):
     """A row with only ``text`` (pre-training text mixed into SFT) is bos + text + eos without the chat
     template, every token after bos trained; an empty one is skipped and counted; conversations beside
     it keep their assistant-only mask."""
-    from mobilellm_r1.posttrain.sft_data import build_sft_batches, is_text_row
+    from mobilellm_r1.posttrain.formats import is_text_row
+    from mobilellm_r1.posttrain.sft_data import build_sft_batches
 
     tok = load_tokenizer("smollm2")
     rows = [_qa(1), {"id": "drill/0", "text": "3 + 4 = 7\n9 - 2 = 7"}, {"text": "  "}]

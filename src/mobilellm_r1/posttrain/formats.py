@@ -8,6 +8,9 @@ Formats are detected per row, in this order:
 - ``question`` + ``answer`` with a GSM8K ``#### N`` line (its calculator annotations ``<<..>>`` removed and
   the final line rewritten as ``\\boxed{N}``, the answer format of the reasoning data and the evaluation).
 
+A plain document (a ``text`` field and none of the fields above, :func:`is_text_row`) is not a conversation:
+SFT trains on all of it (``sft_data``).
+
 A row that matches none is an error naming the file and line: silently training on nothing would hide a
 wrong ``datasets`` entry.
 """
@@ -21,6 +24,18 @@ from ..eval.tasks.base import CODE_SYSTEM, MATH_SYSTEM
 
 ROLES = ("system", "user", "assistant", "tool", "ipython")
 _CALC = re.compile(r"<<[^>]*>>")
+
+
+# (prompt field, answer field, kind) of the flat formats, in the order row_messages tries them
+PAIR_FORMATS = (("problem", "generated_solution", "math"), ("problem", "solution", "math"),
+                ("input", "output", "code"), ("question", "answer", "gsm8k"))
+# a row with a text field and any of these is ambiguous, not a plain document (row_messages rejects it)
+_CONVERSATION_FIELDS = {"messages", "prompt", "completion", "response"} | {f for p, a, _ in PAIR_FORMATS for f in (p, a)}
+
+
+def is_text_row(row: Any) -> bool:
+    """A plain document: a ``text`` string and no field of a conversation format."""
+    return isinstance(row, dict) and isinstance(row.get("text"), str) and not (_CONVERSATION_FIELDS & set(row))
 
 
 class SFTFormatError(ValueError):
@@ -62,8 +77,7 @@ def row_messages(row: Any, where: str, system_prompt: str = "auto") -> list[dict
         if system_prompt not in ("auto", "none") and not any(m["role"] == "system" for m in out):
             out = _system("", system_prompt) + out
         return out
-    for prompt_key, answer_key, kind in (("problem", "generated_solution", "math"), ("problem", "solution", "math"),
-                                         ("input", "output", "code"), ("question", "answer", "gsm8k")):
+    for prompt_key, answer_key, kind in PAIR_FORMATS:
         p, a = row.get(prompt_key), row.get(answer_key)
         if isinstance(p, str) and isinstance(a, str):
             if kind == "gsm8k":

@@ -33,7 +33,7 @@ import torch
 from ..assets import shared_data_dir
 from ..config import ConfigError, Recipe, StageConfig
 from ..train.objectives import next_token_targets
-from .formats import SFTFormatError, row_messages
+from .formats import SFTFormatError, is_text_row, row_messages
 
 
 @dataclass
@@ -103,16 +103,6 @@ def iter_rows(path: str) -> Iterator[tuple[str, Any]]:
             yield f"{f}:{n}", row
 
 
-_CONVERSATION_FIELDS = {"messages", "prompt", "problem", "input", "output", "question", "answer", "solution",
-                        "generated_solution", "completion", "response"}
-
-
-def is_text_row(row: Any) -> bool:
-    """A plain document: a ``text`` string and no field of a conversation format (a row with both is
-    ambiguous and left to :func:`row_messages` to reject)."""
-    return isinstance(row, dict) and isinstance(row.get("text"), str) and not (_CONVERSATION_FIELDS & set(row))
-
-
 def load_conversations(recipe: Recipe, stage: StageConfig, run_dir: Path,
                        stats: SFTStats) -> list[tuple[str, list[dict] | str]]:
     """``(where, messages)`` of every row of the stage's datasets (at most ``max_samples`` per dataset);
@@ -133,7 +123,8 @@ def load_conversations(recipe: Recipe, stage: StageConfig, run_dir: Path,
             for where, row in iter_rows(path):
                 stats.rows_read += 1
                 try:
-                    out.append((where, row["text"] if is_text_row(row) else row_messages(row, where, stage.system_prompt)))
+                    msgs = row["text"] if is_text_row(row) else row_messages(row, where, stage.system_prompt)
+                    out.append((where, msgs))
                 except SFTFormatError as e:
                     raise ConfigError(str(e)) from None
                 n += 1
