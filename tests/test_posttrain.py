@@ -399,6 +399,27 @@ def test_grpo_raises_reward_on_a_toy_task_fast(tmp_path, engine):
     r = res["reward_mean"]
     assert len(r) == 30 and np.mean(r[:5]) < 0.3 and np.mean(r[-5:]) > np.mean(r[:5]) + 0.4, r
     assert res["prompt_data"] == {"rows": 2, "prompts": 1, "too_long": 1}  # over max_prompt_tokens: counted
+    # the final policy on the first three steps' prompts and seeds: the paired measure of what GRPO changed
+    assert len(res["reward_replay"]) == 3 and np.mean(res["reward_replay"]) > np.mean(r[:3]) + 0.4, res
+
+
+def test_grpo_replay_pairs_the_first_steps(tmp_path):
+    """``replay_steps``: with lr 0 the final policy is the initial one, so sampling the first steps' prompts
+    again with their engine seeds must give exactly the rewards of those steps; an interrupted run keeps the
+    steps it has to replay in its checkpoint and replays them after the resume."""
+    from mobilellm_r1.posttrain.grpo import GRPOOptions, train_grpo
+    from mobilellm_r1.train.loop import TrainOptions, train_stage
+
+    rec = _toy_grpo_recipe(tmp_path, "ours")
+    rec.stages["grpo"].lr, rec.stages["grpo"].steps = 0.0, 4
+    train_stage(rec, "sft", TrainOptions(out=str(tmp_path / "sft"), progress=False))
+    first = train_grpo(rec, "grpo", GRPOOptions(out=str(tmp_path / "g1"), max_steps=2, progress=False))
+    assert first["reward_replay"] == first["reward_mean"][:2]  # stopped after 2 steps: replays those two
+    res = train_grpo(rec, "grpo", GRPOOptions(out=str(tmp_path / "g1"), resume=True, progress=False))
+    whole = train_grpo(rec, "grpo", GRPOOptions(out=str(tmp_path / "g2"), progress=False))
+    assert len(whole["reward_mean"]) == 4 and len(set(whole["reward_mean"])) > 1, whole  # steps differ
+    assert whole["reward_replay"] == whole["reward_mean"][:3]
+    assert res["reward_replay"] == whole["reward_replay"]
 
 
 @pytest.mark.slow  # ~60 s idle, 200 s on a loaded 2-core machine; the real 49k-id SmolLM2 tokenizer
@@ -431,3 +452,17 @@ def test_grpo_raises_reward_on_a_toy_task(tmp_path):
     logged = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in logged if "reward_mean" in x]
     assert len(steps) == 12 and all("completion_len_mean" in x for x in steps)
+
+
+def test_scorecard_grpo_entry_pairs_the_replay():
+    """The scorecard's GRPO entry: first/last three steps as the contract says, and the replayed first k
+    steps' mean beside those same k steps' own mean (not the first three's when k differs)."""
+    from mobilellm_r1.stages import grpo_card
+
+    r = [0.1, 0.2, 0.3, 0.2, 0.5, 0.4]
+    card = grpo_card("grpo", {"reward_mean": r, "truncated": [0.0] * 6, "reward_replay": [0.4, 0.6]})
+    assert card["reward_first"] == pytest.approx(0.2) and card["reward_last"] == pytest.approx(1.1 / 3)
+    assert card["replay"] == {"steps": 2, "during": pytest.approx(0.15), "final": pytest.approx(0.5)}
+    assert card["reward_first_replay"] == pytest.approx(0.5) and card["steps"] == 6
+    assert "replay" not in grpo_card("grpo", {"reward_mean": r})  # a stage run before replay_steps existed
+    assert grpo_card("grpo", {"reward_mean": []}) is None

@@ -208,7 +208,8 @@ def run_grpo(ctx: Context) -> dict[str, Any]:
     out = ctx.out
     res = train_grpo(ctx.recipe, ctx.stage.name, GRPOOptions(out=str(out), resume=bool(list_checkpoints(out)),
                                                              progress=ctx.progress, dtype=ctx.pipeline.train_dtype))
-    return {k: res.get(k) for k in ("steps", "checkpoint", "reward_mean", "completion_len_mean", "truncated")} | {
+    return {k: res.get(k) for k in ("steps", "checkpoint", "reward_mean", "completion_len_mean", "truncated",
+                                    "reward_replay")} | {
         "metrics": str(out / "metrics.jsonl")}
 
 
@@ -270,6 +271,23 @@ def _arith_floor(test_file: str, limit: int) -> dict[str, Any]:
     return {**guess_floor(train, test[:limit] if limit else test), "what": "always the most common answer of the SFT split"}
 
 
+def grpo_card(stage: str, outputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The scorecard's ``grpo`` entry from a GRPO stage's outputs: mean reward of the first and last three
+    steps, and, where the stage replayed its first k steps' prompts and sampling seeds on the final policy
+    (``replay_steps``), that mean beside the same k steps' own (``replay``): the paired measure."""
+    r = outputs.get("reward_mean") or []
+    if not r:
+        return None
+    card = {"stage": stage, "steps": len(r), "reward_first": sum(r[:3]) / len(r[:3]),
+            "reward_last": sum(r[-3:]) / len(r[-3:]), "reward": r, "truncated": outputs.get("truncated") or []}
+    replay = outputs.get("reward_replay") or []
+    if replay:
+        k = len(replay)
+        card["reward_first_replay"] = sum(replay) / k
+        card["replay"] = {"steps": k, "during": sum(r[:k]) / k, "final": sum(replay) / k}
+    return card
+
+
 def _scorecard(ctx: Context, models: dict[str, str]) -> dict[str, Any]:
     """``<run>/scorecard.json``: the scorecard task asked 0-shot in the chat template of every model (base =
     last mid-training, sft = last SFT, final = last stage), and GRPO's mean reward over its first and last
@@ -305,11 +323,7 @@ def _scorecard(ctx: Context, models: dict[str, str]) -> dict[str, Any]:
         card["data"] = done[ckpt]["data"]
     grpo = next((n for n, m in ctx.upstream.items() if m.get("kind") == "grpo"), None)
     if grpo:
-        r = ctx.upstream[grpo]["outputs"].get("reward_mean") or []
-        trunc = ctx.upstream[grpo]["outputs"].get("truncated") or []
-        if r:
-            card["grpo"] = {"stage": grpo, "steps": len(r), "reward_first": sum(r[:3]) / len(r[:3]),
-                            "reward_last": sum(r[-3:]) / len(r[-3:]), "reward": r, "truncated": trunc}
+        card["grpo"] = grpo_card(grpo, ctx.upstream[grpo]["outputs"])
     write_json(ctx.run_dir / "scorecard.json", card, indent=2)
     return {"file": str(ctx.run_dir / "scorecard.json"), "card": card, "samples": samples}
 

@@ -287,6 +287,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
     autocast = use_bf16_autocast(opts.dtype, dev)
 
     state = {"epoch": 0, "pos": 0}
+    replay: list[list] = []  # [step, prompt indices, engine seed] of each round of the first replay_steps steps
     existing = ckpt.list_checkpoints(out)
     if existing and not opts.resume:
         raise ConfigError(f"{out} already holds checkpoints (newest step {existing[-1][0]}): pass --resume to "
@@ -299,6 +300,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
         optim.load_state_dict(loaded["optim"])
         ckpt.set_rng_state(loaded["rng"][0])
         state = loaded["state"]["prompts"]
+        replay = loaded["state"].get("replay", [])
         step = loaded["state"]["step"]
         guard.skips = loaded["state"].get("nonfinite_skips", 0)
     log = MetricsLog(out, True, resume_step=step if opts.resume else None)
@@ -322,7 +324,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
                              cfg=policy.cfg, tokenizer=tok_spec, optim_state=optim.state_dict(),
                              rng_states=[ckpt.rng_state()], keep=stage.keep_checkpoints,
                              trainer_state={"stage": stage_name, "prompts": dict(state), "steps_total": steps_total,
-                                            "nonfinite_skips": guard.skips})
+                                            "nonfinite_skips": guard.skips, "replay": replay})
 
     bar = None
     if opts.progress:
@@ -336,6 +338,31 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
 
         # old log-probs for the ratio still come from the policy itself (token_logprobs), never from vLLM
         vllm = VLLMEngine(policy, VLLMOptions(max_model_len=policy.cfg.max_seq_len, seed=recipe.run.seed))
+
+    def sample(r_idx: list[int], seed: int) -> tuple[list[tuple[list[list[int]], list[str], list[float]]], int]:
+        """The policy's G completions of each prompt in ``r_idx`` (ids, finish reasons, rewards) and the new
+        tokens they took. One engine request per prompt: its group's G samples share one prefill; slots =
+        the whole round's rollouts, so a finished sample's slot never waits for work."""
+        G = cfg.group_size
+        policy.eval()
+        reqs = [Request(prompts.ids[i], cfg.max_new_tokens, n=G) for i in r_idx]
+        ecfg = EngineConfig(slots=len(r_idx) * G, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
+                            stop_token_ids=stop_ids,
+                            max_len=max(len(prompts.ids[i]) for i in r_idx) + cfg.max_new_tokens)
+        if vllm is not None:  # the policy's current weights, through vLLM's own loader
+            vllm.load_model_weights(policy)
+            eng = vllm.run(reqs, ecfg)
+        else:
+            eng = run_engine(policy, reqs, ecfg)
+        policy.train()
+        groups = []
+        for i, cs in zip(r_idx, eng.completions):
+            c_ids = [c.token_ids if c.token_ids else [stop_ids[0]] for c in cs]
+            c_why = [c.finish_reason for c in cs]
+            texts = [tok.decode(c[:-1] if r == "stop_token" else c) for c, r in zip(c_ids, c_why)]
+            groups.append((c_ids, c_why, [reward_fn(t, prompts.gold[i]) for t in texts]))
+        return groups, eng.new_tokens
+
     watch = PreemptionWatch().start()  # SIGTERM/SIGUSR1: finish the step, checkpoint, raise Preempted
     try:
         while step < run_until:
@@ -346,28 +373,14 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
             while True:  # one round unless dynamic_sampling tops up the groups whose rewards all agree
                 t1 = time.perf_counter()
                 r_idx = next_prompts(cfg.prompts_per_step - len(idx))
-                policy.eval()
-                # one engine request per prompt: its group's G samples share one prefill; slots = the whole
-                # round's rollouts, so a finished sample's slot never waits for work
-                reqs = [Request(prompts.ids[i], cfg.max_new_tokens, n=G) for i in r_idx]
-                ecfg = EngineConfig(slots=len(r_idx) * G, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    seed=recipe.run.seed * 1_000_003 + step + 100_003 * rounds,
-                                    stop_token_ids=stop_ids,
-                                    max_len=max(len(prompts.ids[i]) for i in r_idx) + cfg.max_new_tokens)
-                if vllm is not None:  # the policy's current weights, through vLLM's own loader
-                    vllm.load_model_weights(policy)
-                    eng = vllm.run(reqs, ecfg)
-                else:
-                    eng = run_engine(policy, reqs, ecfg)
-                policy.train()
+                seed = recipe.run.seed * 1_000_003 + step + 100_003 * rounds
+                if step < cfg.replay_steps:
+                    replay.append([step, r_idx, seed])
+                groups, n_new = sample(r_idx, seed)
                 t_gen += time.perf_counter() - t1
-                new_tokens += eng.new_tokens
+                new_tokens += n_new
                 rounds += 1
-                for i, cs in zip(r_idx, eng.completions):
-                    c_ids = [c.token_ids if c.token_ids else [stop_ids[0]] for c in cs]
-                    c_why = [c.finish_reason for c in cs]
-                    texts = [tok.decode(c[:-1] if r == "stop_token" else c) for c, r in zip(c_ids, c_why)]
-                    r = [reward_fn(t, prompts.gold[i]) for t in texts]
+                for i, (c_ids, c_why, r) in zip(r_idx, groups):
                     all_rewards += r
                     all_reasons += c_why
                     all_lens += [len(c) for c in c_ids]
@@ -450,6 +463,14 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
             if watch.signame and step < run_until:
                 log.close()
                 raise Preempted(watch.signame, step, ckpt.checkpoints_dir(out) / f"step_{step:08d}")
+        # The paired measure (GRPOConfig.replay_steps): the final policy on the first steps' prompts and seeds.
+        replay_r: dict[int, list[float]] = {}
+        for k, r_idx, seed in replay:
+            groups, _ = sample(r_idx, seed)
+            replay_r.setdefault(k, []).extend(x for _, _, r in groups for x in r)
+        reward_replay = [float(np.mean(replay_r[k])) for k in sorted(replay_r)]
+        if reward_replay:
+            log.log({"step": step, "reward_replay": reward_replay})
     finally:
         watch.stop()
         if vllm is not None:
@@ -463,9 +484,10 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
     summary = {"stage": stage_name, "kind": "grpo", "steps": step, "steps_total": steps_total,
                "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size, "kl_beta": cfg.kl_beta,
                "prompt_data": prompts.stats, "reward_mean": rewards_hist, "completion_len_mean": lengths_hist,
-               "truncated": trunc_hist,
+               "truncated": trunc_hist, "reward_replay": reward_replay,
                "out": str(out), "checkpoint": str(out / "final")}
     log.log({"step": step, "summary": {k: v for k, v in summary.items()
-                                       if k not in ("reward_mean", "completion_len_mean", "truncated")}})
+                                       if k not in ("reward_mean", "completion_len_mean", "truncated",
+                                                    "reward_replay")}})
     log.close()
     return summary

@@ -109,6 +109,12 @@ def _scorecard_section(doc: _Doc, sc: dict[str, Any], rp: str, run_dir: Path) ->
               f"steps, {g['reward_last']:.3f} over the last three (reward 1 only for the right answer in a closed "
               "\\boxed{}). Share of completions cut at the length limit per step: "
               + ", ".join(f"{t:.2f}" for t in g.get("truncated") or []) + ".")
+        rp = g.get("replay")
+        if rp:
+            doc.p(f"The same prompts and sampling seeds as the first {rp['steps']} steps, answered by the final "
+                  f"policy: mean reward {rp['final']:.3f} (against {rp['during']:.3f} during those steps). "
+                  "This difference is what training changed; the first-vs-last one also holds how hard each "
+                  "step's prompts happened to be.")
     doc.cmd(f"mobilellm-r1 eval --model {run_dir}/STAGE/final --task {card['task']} --style chat\n"
             f"cat {run_dir}/scorecard.json")
     for tag, path in sc.get("samples", {}).items():
