@@ -120,6 +120,7 @@ def one_sft(args) -> None:
 
 def one_grpo(args) -> None:
     from mobilellm_r1.posttrain.grpo import GRPOOptions, train_grpo
+    from mobilellm_r1.stages import grpo_card
 
     folder = Path(args.dir)
     use_pickled_tokenizer(folder)
@@ -129,9 +130,10 @@ def one_grpo(args) -> None:
     out = folder / f"grpo_{args.name}"
     s = train_grpo(rec, "grpo", GRPOOptions(out=str(out), init=args.init, device=args.device, dtype="float32",
                                             progress=False))
-    r, rp = s["reward_mean"], s.get("reward_replay") or []
-    res = {"kind": "grpo", "over": [so, go], "init": args.init, "reward": r, "truncated": s["truncated"],
-           "first3": sum(r[:3]) / 3, "last3": sum(r[-3:]) / 3, "replay3": sum(rp) / len(rp) if rp else None,
+    card = grpo_card("grpo", s)  # as the scorecard reads the stage
+    res = {"kind": "grpo", "over": [so, go], "init": args.init, "reward": s["reward_mean"], "truncated": s["truncated"],
+           "first3": card["reward_first"], "last3": card["reward_last"],
+           "replay3": card["replay"]["final"] if "replay" in card else None,
            "train_s": time.time() - t0, **evaluate(folder, out / "final", args)}
     (folder / "results" / f"grpo_{args.name}.json").write_text(json.dumps(res))
 

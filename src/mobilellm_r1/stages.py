@@ -209,7 +209,7 @@ def run_grpo(ctx: Context) -> dict[str, Any]:
     res = train_grpo(ctx.recipe, ctx.stage.name, GRPOOptions(out=str(out), resume=bool(list_checkpoints(out)),
                                                              progress=ctx.progress, dtype=ctx.pipeline.train_dtype))
     return {k: res.get(k) for k in ("steps", "checkpoint", "reward_mean", "completion_len_mean", "truncated",
-                                    "reward_replay")} | {
+                                    "reward_replay", "reward_replay_during")} | {
         "metrics": str(out / "metrics.jsonl")}
 
 
@@ -274,17 +274,17 @@ def _arith_floor(test_file: str, limit: int) -> dict[str, Any]:
 def grpo_card(stage: str, outputs: dict[str, Any]) -> dict[str, Any] | None:
     """The scorecard's ``grpo`` entry from a GRPO stage's outputs: mean reward of the first and last three
     steps, and, where the stage replayed its first k steps' prompts and sampling seeds on the final policy
-    (``replay_steps``), that mean beside the same k steps' own (``replay``): the paired measure."""
+    (``replay_steps``), that mean beside the same k steps' own (``replay``): the paired measure. (A resumed
+    stage's ``reward_mean`` starts at the resume; the replayed steps' own rewards come from its checkpoint.)"""
     r = outputs.get("reward_mean") or []
     if not r:
         return None
     card = {"stage": stage, "steps": len(r), "reward_first": sum(r[:3]) / len(r[:3]),
             "reward_last": sum(r[-3:]) / len(r[-3:]), "reward": r, "truncated": outputs.get("truncated") or []}
-    replay = outputs.get("reward_replay") or []
-    if replay:
+    replay, during = outputs.get("reward_replay") or [], outputs.get("reward_replay_during") or []
+    if replay and len(during) == len(replay):
         k = len(replay)
-        card["reward_first_replay"] = sum(replay) / k
-        card["replay"] = {"steps": k, "during": sum(r[:k]) / k, "final": sum(replay) / k}
+        card["replay"] = {"steps": k, "during": sum(during) / k, "final": sum(replay) / k}
     return card
 
 

@@ -66,10 +66,10 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     print(f"{stage}: {res['steps']} steps of {res['prompts_per_step']} prompts x {res['group_size']} samples")
     if r:
         print(f"mean reward {r[0]:.3f} -> {r[-1]:.3f}; mean completion length {n[0]:.0f} -> {n[-1]:.0f} tokens")
-    rp = res.get("reward_replay") or []
+    rp, rd = res.get("reward_replay") or [], res.get("reward_replay_during") or []
     if rp:
         print(f"first {len(rp)} steps' prompts and seeds again, final policy: mean reward "
-              f"{sum(r[:len(rp)]) / len(rp):.3f} -> {sum(rp) / len(rp):.3f}")
+              f"{sum(rd) / len(rd):.3f} -> {sum(rp) / len(rp):.3f}")
     print(f"curves: {Path(res['out']) / 'metrics.jsonl'}; checkpoint: {res['checkpoint']}")
     return 0
 

@@ -288,6 +288,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
 
     state = {"epoch": 0, "pos": 0}
     replay: list[list] = []  # [step, prompt indices, engine seed] of each round of the first replay_steps steps
+    replay_during: list[float] = []  # those steps' own mean rewards (kept here: a resumed run's history starts late)
     existing = ckpt.list_checkpoints(out)
     if existing and not opts.resume:
         raise ConfigError(f"{out} already holds checkpoints (newest step {existing[-1][0]}): pass --resume to "
@@ -301,6 +302,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
         ckpt.set_rng_state(loaded["rng"][0])
         state = loaded["state"]["prompts"]
         replay = loaded["state"].get("replay", [])
+        replay_during = loaded["state"].get("replay_during", [])
         step = loaded["state"]["step"]
         guard.skips = loaded["state"].get("nonfinite_skips", 0)
     log = MetricsLog(out, True, resume_step=step if opts.resume else None)
@@ -324,7 +326,8 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
                              cfg=policy.cfg, tokenizer=tok_spec, optim_state=optim.state_dict(),
                              rng_states=[ckpt.rng_state()], keep=stage.keep_checkpoints,
                              trainer_state={"stage": stage_name, "prompts": dict(state), "steps_total": steps_total,
-                                            "nonfinite_skips": guard.skips, "replay": replay})
+                                            "nonfinite_skips": guard.skips, "replay": replay,
+                                            "replay_during": replay_during})
 
     bar = None
     if opts.progress:
@@ -443,6 +446,8 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
             mean_r = float(all_r.mean())
             mean_len = float(np.mean(all_lens))
             rewards_hist.append(mean_r)
+            if step <= cfg.replay_steps:
+                replay_during.append(mean_r)
             lengths_hist.append(mean_len)
             trunc_hist.append(sum(r == "length" for r in all_reasons) / len(all_reasons))
             rec = {"step": step, "reward_mean": mean_r, "reward_std": float(all_r.std(unbiased=False)),
@@ -485,9 +490,10 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
                "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size, "kl_beta": cfg.kl_beta,
                "prompt_data": prompts.stats, "reward_mean": rewards_hist, "completion_len_mean": lengths_hist,
                "truncated": trunc_hist, "reward_replay": reward_replay,
+               "reward_replay_during": replay_during[:len(reward_replay)],
                "out": str(out), "checkpoint": str(out / "final")}
     log.log({"step": step, "summary": {k: v for k, v in summary.items()
                                        if k not in ("reward_mean", "completion_len_mean", "truncated",
-                                                    "reward_replay")}})
+                                                    "reward_replay", "reward_replay_during")}})
     log.close()
     return summary
