@@ -13,6 +13,8 @@ start from the ``base`` SFT variant once it is done. Every result is printed nex
 2. ``run --dir DIR [--device cuda] [--deadline S] [--only a,b] [--scale F] [--eval-limit N]``: writes
    ``DIR/results.json`` as variants finish (what is done at the deadline is kept) and prints a table.
    ``--scale 0.002 --eval-limit 8 --device cpu`` checks the whole flow in ~2 minutes on a CPU.
+3. ``headroom --dir DIR --init MODEL``: the mean reward of MODEL's samples on the GRPO prompts at several
+   temperatures, against the rollouts' own: how far sharpening alone could lift GRPO's reward.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ GRPO = {  # name: (overrides of [stages.grpo], of [stages.grpo.grpo])
     "g_s16_p16_lr2e4": ({"steps": 16, "lr": 2.0e-4}, {"prompts_per_step": 16}),
     "g_lr3e5": ({"lr": 3.0e-5}, {}),
     "g_s32": ({"steps": 32}, {}),
+    "g_s32_lr3e4": ({"steps": 32, "lr": 3.0e-4}, {}),
+    "g_s32_lr3e4_dyn": ({"steps": 32, "lr": 3.0e-4}, {"dynamic_sampling": True}),
+    "g_s32_lr1e3": ({"steps": 32, "lr": 1.0e-3}, {}),
+    "g_s32_u4": ({"steps": 32}, {"updates_per_batch": 4}),
+    "g_s32_u4_lr3e4": ({"steps": 32, "lr": 3.0e-4}, {"updates_per_batch": 4}),
 }
 
 
@@ -136,6 +143,49 @@ def one_grpo(args) -> None:
            "replay3": card["replay"]["final"] if "replay" in card else None,
            "train_s": time.time() - t0, **evaluate(folder, out / "final", args)}
     (folder / "results" / f"grpo_{args.name}.json").write_text(json.dumps(res))
+
+
+def headroom(args) -> None:
+    """What sharpening alone can give GRPO: the mean reward of a model's samples on GRPO prompts at several
+    temperatures (0 = greedy, one sample) against the rollouts' own temperature. GRPO's reward is that of
+    samples at the stage's temperature; a policy that only sharpened would move it toward the low-temperature
+    rows, so a gap under the stage's target says sharpening cannot reach it."""
+    import numpy as np
+    import torch
+
+    from mobilellm_r1.model.engine import EngineConfig, Request
+    from mobilellm_r1.model.engine import run as run_engine
+    from mobilellm_r1.posttrain.grpo import REWARDS, load_prompts
+    from mobilellm_r1.tokenizer import load_tokenizer
+    from mobilellm_r1.train.loop import load_model_spec
+
+    folder = Path(args.dir)
+    use_pickled_tokenizer(folder)
+    rec = recipe_with("grpo", {}, {}, 1.0)
+    cfg = rec.stage("grpo").grpo
+    model, meta = load_model_spec(args.init, device=args.device, dtype=torch.float32)
+    tok = load_tokenizer(meta.get("tokenizer") or rec.data.tokenizer)
+    ps = load_prompts(rec, "grpo", tok, cfg, folder)
+    idx = np.random.default_rng(0).permutation(len(ps.ids))[:args.prompts]
+    stop = sorted({i for i in list(tok.eos_ids) + list(model.cfg.eos_ids) if 0 <= i < model.cfg.vocab_size})
+    reward = REWARDS[cfg.reward]
+    rows = {}
+    for temp in [float(t) for t in args.temperatures.split(",")]:
+        g = 1 if temp == 0 else cfg.group_size
+        eng = run_engine(model.eval(), [Request(ps.ids[i], cfg.max_new_tokens, n=g) for i in idx],
+                         EngineConfig(slots=min(512, len(idx) * g), temperature=temp, seed=rec.run.seed,
+                                      stop_token_ids=stop, max_len=max(len(ps.ids[i]) for i in idx) + cfg.max_new_tokens))
+        r = [reward(tok.decode(c.token_ids[:-1] if c.finish_reason == "stop_token" else c.token_ids), ps.gold[i])
+             for i, cs in zip(idx, eng.completions) for c in cs]
+        rows[temp] = float(np.mean(r))
+    at = rows.get(cfg.temperature)
+    for temp, v in rows.items():
+        d = f"{v - at:+.3f}" if at is not None else ""
+        print(f"T = {temp:<4} reward {v:.3f} {d:>7}  ({len(idx)} prompts x {1 if temp == 0 else cfg.group_size})")
+    (folder / "results").mkdir(parents=True, exist_ok=True)
+    (folder / "results" / "headroom.json").write_text(json.dumps({"init": args.init, "prompts": len(idx),
+                                                                  "rollout_temperature": cfg.temperature,
+                                                                  "reward_by_temperature": rows}))
 
 
 def prepare(args) -> None:
@@ -213,7 +263,7 @@ def drive(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("cmd", choices=["prepare", "run", "one-sft", "one-grpo"])
+    ap.add_argument("cmd", choices=["prepare", "run", "one-sft", "one-grpo", "headroom"])
     ap.add_argument("name", nargs="?", default="")
     ap.add_argument("--run", default="runs/tiny", help="prepare: the run folder to copy from")
     ap.add_argument("--dir", default="runs/arith_sweep")
@@ -222,9 +272,11 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run: comma-separated variant names")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every variant's steps (a quick check)")
     ap.add_argument("--eval-limit", type=int, default=0, help="held-out problems per eval (0 = all)")
-    ap.add_argument("--init", default="")
+    ap.add_argument("--init", default="", help="one-grpo, headroom: the model to start from / to sample")
+    ap.add_argument("--prompts", type=int, default=128, help="headroom: GRPO prompts to sample")
+    ap.add_argument("--temperatures", default="1.0,0.7,0.5,0.3,0", help="headroom: 0 = greedy")
     args = ap.parse_args()
-    {"prepare": prepare, "run": drive, "one-sft": one_sft, "one-grpo": one_grpo}[args.cmd](args)
+    {"prepare": prepare, "run": drive, "one-sft": one_sft, "one-grpo": one_grpo, "headroom": headroom}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -48,15 +48,17 @@ def test_drill_is_the_tasks_fact_table_and_no_problem(splits):
     assert {st for s in SPLITS for p in splits[s] for st in p.steps} <= table
     docs = list(iter_drill_docs(SMALL, docs=50, per_doc=32))
     assert docs == list(iter_drill_docs(SMALL, docs=50, per_doc=32)) and len(docs) == 50
-    ops_seen = set()
+    ops_seen = []
     for d in docs:
         lines = d["text"].split("\n")
         assert len(lines) == 32
         for line in lines:
             a, op, b, eq, r = line.split(" ")
             assert eq == "=" and (op, int(a), int(b), int(r)) in table
-            ops_seen.add(op)
-    assert ops_seen == {"+", "-", "*", "/"}  # operations drawn uniformly, not by table size (*, / are small)
+            ops_seen.append(op)
+    # operations drawn uniformly, not by table size (*, / are small; drilling every fact equally scored worse:
+    # recipes/tiny.toml, arith_drill): 400 of 1,600 lines each, give or take sampling noise
+    assert {op: ops_seen.count(op) for op in "+-*/"} == pytest.approx(dict.fromkeys("+-*/", 400), rel=0.2)
 
 
 def test_every_answer_grades_correct_against_its_solution(splits):
