@@ -275,7 +275,7 @@ def grpo_card(stage: str, outputs: dict[str, Any]) -> dict[str, Any] | None:
     """The scorecard's ``grpo`` entry from a GRPO stage's outputs: mean reward of the first and last three
     steps, and, where the stage replayed its first k steps' prompts and sampling seeds on the final policy
     (``replay_steps``), that mean beside the same k steps' own (``replay``): the paired measure. (A resumed
-    stage's ``reward_mean`` starts at the resume; the replayed steps' own rewards come from its checkpoint.)"""
+    stage reports every step: its per-step history is kept in its checkpoints.)"""
     r = outputs.get("reward_mean") or []
     if not r:
         return None

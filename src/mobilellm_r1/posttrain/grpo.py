@@ -288,7 +288,9 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
 
     state = {"epoch": 0, "pos": 0}
     replay: list[list] = []  # [step, prompt indices, engine seed] of each round of the first replay_steps steps
-    replay_during: list[float] = []  # those steps' own mean rewards (kept here: a resumed run's history starts late)
+    # Per-step means since step 1, kept in the checkpoint so that a resumed run's summary (and the scorecard's
+    # first / last three steps, and the replay's pair) covers the steps before the resume too.
+    hist: dict[str, list[float]] = {"reward_mean": [], "completion_len_mean": [], "truncated": []}
     existing = ckpt.list_checkpoints(out)
     if existing and not opts.resume:
         raise ConfigError(f"{out} already holds checkpoints (newest step {existing[-1][0]}): pass --resume to "
@@ -302,7 +304,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
         ckpt.set_rng_state(loaded["rng"][0])
         state = loaded["state"]["prompts"]
         replay = loaded["state"].get("replay", [])
-        replay_during = loaded["state"].get("replay_during", [])
+        hist = loaded["state"].get("history", hist)
         step = loaded["state"]["step"]
         guard.skips = loaded["state"].get("nonfinite_skips", 0)
     log = MetricsLog(out, True, resume_step=step if opts.resume else None)
@@ -327,14 +329,13 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
                              rng_states=[ckpt.rng_state()], keep=stage.keep_checkpoints,
                              trainer_state={"stage": stage_name, "prompts": dict(state), "steps_total": steps_total,
                                             "nonfinite_skips": guard.skips, "replay": replay,
-                                            "replay_during": replay_during})
+                                            "history": hist})
 
     bar = None
     if opts.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=run_until, initial=step, desc=stage_name, unit="step", dynamic_ncols=True)
-    rewards_hist, lengths_hist, trunc_hist = [], [], []
     vllm = None
     if cfg.engine == "vllm":
         from ..model.vllm_backend import VLLMEngine, VLLMOptions
@@ -445,11 +446,9 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
             all_r = torch.tensor(all_rewards)
             mean_r = float(all_r.mean())
             mean_len = float(np.mean(all_lens))
-            rewards_hist.append(mean_r)
-            if step <= cfg.replay_steps:
-                replay_during.append(mean_r)
-            lengths_hist.append(mean_len)
-            trunc_hist.append(sum(r == "length" for r in all_reasons) / len(all_reasons))
+            hist["reward_mean"].append(mean_r)
+            hist["completion_len_mean"].append(mean_len)
+            hist["truncated"].append(sum(r == "length" for r in all_reasons) / len(all_reasons))
             rec = {"step": step, "reward_mean": mean_r, "reward_std": float(all_r.std(unbiased=False)),
                    "completion_len_mean": mean_len, "loss": loss_sum, "kl": info["kl"],
                    "clip_frac": info["clip_frac"], "token_nll": info["nll"],
@@ -458,7 +457,7 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
                    "lr": lr, "grad_norm": gnorm,
                    "samples_per_s": len(all_rewards) / dt,
                    "gen_tokens_per_s": new_tokens / t_gen if t_gen > 0 else None,
-                   "truncated": trunc_hist[-1]}
+                   "truncated": hist["truncated"][-1]}
             log.log(rec)
             if bar is not None:
                 bar.update(1)
@@ -488,9 +487,8 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
             shutil.copy2(newest / name, tmp / name)
     summary = {"stage": stage_name, "kind": "grpo", "steps": step, "steps_total": steps_total,
                "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size, "kl_beta": cfg.kl_beta,
-               "prompt_data": prompts.stats, "reward_mean": rewards_hist, "completion_len_mean": lengths_hist,
-               "truncated": trunc_hist, "reward_replay": reward_replay,
-               "reward_replay_during": replay_during[:len(reward_replay)],
+               "prompt_data": prompts.stats, **hist, "reward_replay": reward_replay,
+               "reward_replay_during": hist["reward_mean"][:len(reward_replay)],
                "out": str(out), "checkpoint": str(out / "final")}
     log.log({"step": step, "summary": {k: v for k, v in summary.items()
                                        if k not in ("reward_mean", "completion_len_mean", "truncated",
