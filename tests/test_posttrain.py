@@ -414,14 +414,14 @@ def test_grpo_replay_pairs_the_first_steps(tmp_path):
     rec.stages["grpo"].lr, rec.stages["grpo"].steps = 0.0, 4
     train_stage(rec, "sft", TrainOptions(out=str(tmp_path / "sft"), progress=False))
     first = train_grpo(rec, "grpo", GRPOOptions(out=str(tmp_path / "g1"), max_steps=2, progress=False))
-    assert first["reward_replay"] == first["reward_mean"][:2] == first["reward_replay_during"]  # stopped after 2
+    assert first["reward_replay"] == first["reward_mean"][:2]  # stopped after 2
     res = train_grpo(rec, "grpo", GRPOOptions(out=str(tmp_path / "g1"), resume=True, progress=False))
     whole = train_grpo(rec, "grpo", GRPOOptions(out=str(tmp_path / "g2"), progress=False))
     assert len(whole["reward_mean"]) == 4 and len(set(whole["reward_mean"])) > 1, whole  # steps differ
-    assert whole["reward_replay"] == whole["reward_mean"][:3] == whole["reward_replay_during"]
+    assert whole["reward_replay"] == whole["reward_mean"][:3]
     assert res["reward_replay"] == whole["reward_replay"]
     # the per-step history before the resume comes from the checkpoint: the summary is the uninterrupted run's
-    for key in ("reward_mean", "completion_len_mean", "truncated", "reward_replay_during"):
+    for key in ("reward_mean", "completion_len_mean", "truncated"):
         assert res[key] == whole[key], key
 
 
@@ -463,8 +463,7 @@ def test_scorecard_grpo_entry_pairs_the_replay():
     from mobilellm_r1.stages import grpo_card
 
     r = [0.1, 0.2, 0.3, 0.2, 0.5, 0.4]
-    card = grpo_card("grpo", {"reward_mean": r, "truncated": [0.0] * 6, "reward_replay": [0.4, 0.6],
-                              "reward_replay_during": [0.1, 0.2]})
+    card = grpo_card("grpo", {"reward_mean": r, "truncated": [0.0] * 6, "reward_replay": [0.4, 0.6]})
     assert card["reward_first"] == pytest.approx(0.2) and card["reward_last"] == pytest.approx(1.1 / 3)
     assert card["replay"] == {"steps": 2, "during": pytest.approx(0.15), "final": pytest.approx(0.5)}
     assert card["steps"] == 6

@@ -209,7 +209,7 @@ def run_grpo(ctx: Context) -> dict[str, Any]:
     res = train_grpo(ctx.recipe, ctx.stage.name, GRPOOptions(out=str(out), resume=bool(list_checkpoints(out)),
                                                              progress=ctx.progress, dtype=ctx.pipeline.train_dtype))
     return {k: res.get(k) for k in ("steps", "checkpoint", "reward_mean", "completion_len_mean", "truncated",
-                                    "reward_replay", "reward_replay_during")} | {
+                                    "reward_replay")} | {
         "metrics": str(out / "metrics.jsonl")}
 
 
@@ -275,16 +275,17 @@ def grpo_card(stage: str, outputs: dict[str, Any]) -> dict[str, Any] | None:
     """The scorecard's ``grpo`` entry from a GRPO stage's outputs: mean reward of the first and last three
     steps, and, where the stage replayed its first k steps' prompts and sampling seeds on the final policy
     (``replay_steps``), that mean beside the same k steps' own (``replay``): the paired measure. (A resumed
-    stage reports every step: its per-step history is kept in its checkpoints.)"""
+    stage reports every step: its per-step history is kept in its checkpoints, so ``reward_mean[:k]`` are
+    the replayed steps.)"""
     r = outputs.get("reward_mean") or []
     if not r:
         return None
     card = {"stage": stage, "steps": len(r), "reward_first": sum(r[:3]) / len(r[:3]),
             "reward_last": sum(r[-3:]) / len(r[-3:]), "reward": r, "truncated": outputs.get("truncated") or []}
-    replay, during = outputs.get("reward_replay") or [], outputs.get("reward_replay_during") or []
-    if replay and len(during) == len(replay):
+    replay = outputs.get("reward_replay") or []
+    if replay and len(replay) <= len(r):
         k = len(replay)
-        card["replay"] = {"steps": k, "during": sum(during) / k, "final": sum(replay) / k}
+        card["replay"] = {"steps": k, "during": sum(r[:k]) / k, "final": sum(replay) / k}
     return card
 
 

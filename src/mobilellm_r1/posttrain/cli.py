@@ -49,6 +49,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     from ..cli import UserError, print_json
     from ..model.io import CheckpointError
     from ..runlock import run_lock
+    from ..stages import grpo_card
     from .grpo import GRPOOptions, train_grpo
 
     recipe, stage, out = _stage(args, "grpo")
@@ -66,10 +67,10 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     print(f"{stage}: {res['steps']} steps of {res['prompts_per_step']} prompts x {res['group_size']} samples")
     if r:
         print(f"mean reward {r[0]:.3f} -> {r[-1]:.3f}; mean completion length {n[0]:.0f} -> {n[-1]:.0f} tokens")
-    rp, rd = res.get("reward_replay") or [], res.get("reward_replay_during") or []
+    rp = (grpo_card(stage, res) or {}).get("replay")
     if rp:
-        print(f"first {len(rp)} steps' prompts and seeds again, final policy: mean reward "
-              f"{sum(rd) / len(rd):.3f} -> {sum(rp) / len(rp):.3f}")
+        print(f"first {rp['steps']} steps' prompts and seeds again, final policy: mean reward "
+              f"{rp['during']:.3f} -> {rp['final']:.3f}")
     print(f"curves: {Path(res['out']) / 'metrics.jsonl'}; checkpoint: {res['checkpoint']}")
     return 0
 

@@ -488,10 +488,9 @@ def train_grpo(recipe: Recipe, stage_name: str, opts: GRPOOptions) -> dict[str, 
     summary = {"stage": stage_name, "kind": "grpo", "steps": step, "steps_total": steps_total,
                "prompts_per_step": cfg.prompts_per_step, "group_size": cfg.group_size, "kl_beta": cfg.kl_beta,
                "prompt_data": prompts.stats, **hist, "reward_replay": reward_replay,
-               "reward_replay_during": hist["reward_mean"][:len(reward_replay)],
                "out": str(out), "checkpoint": str(out / "final")}
     log.log({"step": step, "summary": {k: v for k, v in summary.items()
                                        if k not in ("reward_mean", "completion_len_mean", "truncated",
-                                                    "reward_replay", "reward_replay_during")}})
+                                                    "reward_replay")}})
     log.close()
     return summary
